@@ -1,0 +1,34 @@
+"""A Celery worker pool for native ``async def`` tasks on SQLAlchemy asyncio.
+
+``celery -A proj worker -P asyncsql``: each child process keeps one event loop
+and builds its engines after fork, on that loop.
+"""
+
+from __future__ import annotations
+
+from .database import engine as engine
+from .database import session as session
+from .errors import AsyncPoolError as AsyncPoolError
+from .errors import BridgeError as BridgeError
+from .errors import ConfigurationError as ConfigurationError
+from .errors import NoRuntimeError as NoRuntimeError
+from .hooks import on_child_start as on_child_start
+from .hooks import on_child_stop as on_child_stop
+from .pool import TaskPool as TaskPool
+from .registration import register as _register
+from .task import AsyncTask as AsyncTask
+
+__all__ = (
+    "AsyncPoolError",
+    "AsyncTask",
+    "BridgeError",
+    "ConfigurationError",
+    "NoRuntimeError",
+    "TaskPool",
+    "engine",
+    "on_child_start",
+    "on_child_stop",
+    "session",
+)
+
+_register()

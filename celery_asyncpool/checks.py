@@ -1,0 +1,73 @@
+"""What ``celery asyncsql check`` verifies: settings, budget, and each database as a child sees it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .child import Runtime
+from .config import Settings
+from .database import Sizing, connections_per_process, engine_options
+from .errors import ConfigurationError
+from .pool import SLOTS_PER_CHILD
+
+
+def run_check(app: Any, processes: int, *, echo: Callable[[str], Any]) -> list[str]:
+    """Print the resolved settings and budget, connect to each database; return the problems."""
+    try:
+        settings = Settings.from_conf(app.conf)
+    except ConfigurationError as exc:
+        return [str(exc)]
+    if settings.processes not in (None, processes):
+        return [f"Setting 'asyncsql_processes' has value {settings.processes!r}; expected the "
+                f"worker's concurrency ({processes})."]
+    sizing = Sizing(SLOTS_PER_CHILD, processes, settings.connection_cap)
+    echo(f"processes: {processes}, task slots per process: {SLOTS_PER_CHILD}")
+    if not settings.databases:
+        return ["No database is configured: set asyncsql_database_url "
+                "(or asyncsql_databases) in the Celery config."]
+    for database in settings.databases:
+        options = {k: v for k, v in engine_options(database, sizing).items()}
+        per_child = connections_per_process(database, sizing)
+        echo(f"database {database.name!r}: {database.masked_url}")
+        echo(f"  engine options: {options!r}")
+        echo(f"  connections: {per_child} per process, {per_child * processes} in all")
+    return _probe(settings, sizing, echo)
+
+
+def _probe(settings: Settings, sizing: Sizing, echo: Callable[[str], Any]) -> list[str]:
+    runtime = Runtime(settings, sizing, name="asyncsql-check")
+    problems: list[str] = []
+    try:
+        runtime.start(run_hooks=False)
+    except Exception as exc:
+        return [f"Building the engines failed: {exc}"]
+    try:
+        for database in settings.databases:
+            budget = connections_per_process(database, sizing) * (sizing.processes)
+            problems += runtime.run(_probe_one(runtime, database.name, budget, echo))
+    finally:
+        runtime.stop(run_hooks=False)
+    return problems
+
+
+async def _probe_one(runtime: Runtime, name: str, budget: int,
+                     echo: Callable[[str], Any]) -> list[str]:
+    from sqlalchemy import text
+
+    assert runtime.databases is not None
+    built = runtime.databases.engine(name)
+    try:
+        async with built.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+            limit = None
+            if built.dialect.name == "postgresql":
+                limit = int((await connection.execute(text("SHOW max_connections"))).scalar_one())
+    except Exception as exc:
+        return [f"Database {name!r} ({built.url.render_as_string(hide_password=True)}) "
+                f"cannot be reached: {type(exc).__name__}: {exc}"]
+    echo(f"database {name!r}: connected" + (f", server max_connections = {limit}" if limit else ""))
+    if limit is not None and budget > limit:
+        return [f"Database {name!r}: the worker may open {budget} connections, above the "
+                f"server's max_connections ({limit}); lower -c or asyncsql_connection_cap."]
+    return []

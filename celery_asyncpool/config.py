@@ -1,0 +1,239 @@
+"""The ``asyncsql_*`` settings: defined once here, validated at start-up.
+
+Every setting is read from the Celery app's configuration. ``database_*``
+keys belong to Celery's own database result backend, hence the prefix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigurationError
+
+PREFIX = "asyncsql_"
+_ASYNC_DRIVERS = {"postgresql": "asyncpg", "sqlite": "aiosqlite", "mysql": "asyncmy"}
+DEFAULT_DATABASE = "default"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its key, default, what it accepts and what it does."""
+
+    key: str
+    default: Any
+    expected: str
+    doc: str
+    check: Callable[[Any], bool]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_str_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) for k in value)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("asyncsql_processes", None, "a whole number >= 1, or None",
+           "Child processes. Until several tasks run per child it must equal "
+           "the worker's concurrency (-c); None means the same as -c.",
+           lambda v: v is None or (_is_int(v) and v >= 1)),
+    Option("asyncsql_database_url", None, "an async SQLAlchemy URL string, or None",
+           "URL of the database named 'default', e.g. "
+           "'postgresql+asyncpg://user@host/db' or 'sqlite+aiosqlite:///app.db'.",
+           lambda v: v is None or isinstance(v, str)),
+    Option("asyncsql_engine_options", {}, "a dict of create_async_engine() keyword arguments",
+           "Passed to create_async_engine() for the default database. pool_size "
+           "defaults to the child's task slots and max_overflow to 0 for queue pools.",
+           _is_str_dict),
+    Option("asyncsql_session_options", {}, "a dict of async_sessionmaker() keyword arguments",
+           "Passed to async_sessionmaker() for the default database; "
+           "expire_on_commit defaults to False.",
+           _is_str_dict),
+    Option("asyncsql_databases", {}, "a dict of name -> URL string or "
+           "{'url': ..., 'engine_options': {...}, 'session_options': {...}}",
+           "More databases, reached with session(name) and engine(name).",
+           _is_str_dict),
+    Option("asyncsql_connection_cap", 80, "a whole number >= 1",
+           "Most database connections all children of one worker may hold, per "
+           "database; pool_size defaults are lowered to stay within it.",
+           lambda v: _is_int(v) and v >= 1),
+    Option("asyncsql_hook_timeout_s", 30.0, "a number of seconds > 0",
+           "Longest time each on_child_start / on_child_stop hook may run.",
+           lambda v: _is_number(v) and v > 0),
+    Option("asyncsql_cancel_grace_s", 5.0, "a number of seconds >= 0",
+           "How long a cancelled coroutine (soft time limit, terminate, "
+           "shutdown) may take to unwind before the child stops waiting for it.",
+           lambda v: _is_number(v) and v >= 0),
+)
+KNOWN_KEYS = tuple(option.key for option in OPTIONS)
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """One named database: its URL and the options its engine and sessions get."""
+
+    name: str
+    url: str
+    engine_options: Mapping[str, Any]
+    session_options: Mapping[str, Any]
+
+    @property
+    def masked_url(self) -> str:
+        """The URL with its password hidden, safe for logs and banners."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).render_as_string(hide_password=True)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated ``asyncsql_*`` settings of one Celery app."""
+
+    processes: int | None
+    databases: tuple[DatabaseSettings, ...]
+    connection_cap: int
+    hook_timeout_s: float
+    cancel_grace_s: float
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
+        """Read and validate the settings.
+
+        Raises:
+            ConfigurationError: naming the key, the value found and what is
+                expected, for an unknown ``asyncsql_*`` key, a wrong type or
+                range, or a URL whose driver is not async.
+        """
+        _reject_unknown_keys(conf)
+        values = {option.key: _checked(option, conf) for option in OPTIONS}
+        return cls(
+            processes=values["asyncsql_processes"],
+            databases=_databases(values),
+            connection_cap=values["asyncsql_connection_cap"],
+            hook_timeout_s=float(values["asyncsql_hook_timeout_s"]),
+            cancel_grace_s=float(values["asyncsql_cancel_grace_s"]),
+        )
+
+    def database(self, name: str) -> DatabaseSettings:
+        """The settings of database ``name``.
+
+        Raises:
+            ConfigurationError: when no database of that name is configured.
+        """
+        for database in self.databases:
+            if database.name == name:
+                return database
+        raise ConfigurationError(_unknown_database_message(name, self.databases))
+
+
+def _reject_unknown_keys(conf: Mapping[str, Any]) -> None:
+    for key in conf:
+        if isinstance(key, str) and key.lower().startswith(PREFIX) and key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key.lower(), KNOWN_KEYS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigurationError(
+                f"Unknown setting {key!r}.{hint} Known settings: {', '.join(KNOWN_KEYS)}."
+            )
+
+
+def _checked(option: Option, conf: Mapping[str, Any]) -> Any:
+    value = conf.get(option.key, option.default)
+    if not option.check(value):
+        raise ConfigurationError(
+            f"Setting {option.key!r} has value {value!r}; expected {option.expected}."
+        )
+    return value
+
+
+def _databases(values: Mapping[str, Any]) -> tuple[DatabaseSettings, ...]:
+    found: list[DatabaseSettings] = []
+    url = values["asyncsql_database_url"]
+    if url is not None:
+        found.append(_database(
+            DEFAULT_DATABASE, url,
+            values["asyncsql_engine_options"], values["asyncsql_session_options"],
+            key="asyncsql_database_url",
+        ))
+    for name, spec in values["asyncsql_databases"].items():
+        key = f"asyncsql_databases[{name!r}]"
+        if name == DEFAULT_DATABASE and url is not None:
+            raise ConfigurationError(
+                f"Setting {key} names the database 'default', which "
+                "asyncsql_database_url already defines; set only one of them."
+            )
+        found.append(_database_from_spec(name, spec, key))
+    return tuple(found)
+
+
+def _database_from_spec(name: str, spec: Any, key: str) -> DatabaseSettings:
+    if isinstance(spec, str):
+        return _database(name, spec, {}, {}, key=key)
+    allowed = {"url", "engine_options", "session_options"}
+    if not _is_str_dict(spec) or "url" not in spec or set(spec) - allowed:
+        raise ConfigurationError(
+            f"Setting {key} has value {spec!r}; expected a URL string or a dict "
+            "with 'url' and optionally 'engine_options' and 'session_options'."
+        )
+    for part in ("engine_options", "session_options"):
+        if not _is_str_dict(spec.get(part, {})):
+            raise ConfigurationError(
+                f"Setting {key}[{part!r}] has value {spec[part]!r}; expected a dict."
+            )
+    return _database(name, spec["url"], spec.get("engine_options", {}),
+                     spec.get("session_options", {}), key=key)
+
+
+def _database(name: str, url: Any, engine_options: Mapping[str, Any],
+              session_options: Mapping[str, Any], *, key: str) -> DatabaseSettings:
+    if not isinstance(url, str):
+        raise ConfigurationError(
+            f"Setting {key} has value {url!r}; expected an async SQLAlchemy URL string."
+        )
+    _check_async_url(url, key)
+    return DatabaseSettings(name, url, dict(engine_options), dict(session_options))
+
+
+def _check_async_url(url: str, key: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigurationError(
+            f"Setting {key} is not a database URL; expected e.g. "
+            "'postgresql+asyncpg://user@host/db'."
+        ) from None
+    masked = parsed.render_as_string(hide_password=True)
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigurationError(
+            f"Setting {key} has value {masked!r}, whose dialect or driver "
+            f"{parsed.drivername!r} SQLAlchemy does not know."
+        ) from None
+    if not dialect.is_async:
+        backend = parsed.get_backend_name()
+        driver = _ASYNC_DRIVERS.get(backend, "<async driver>")
+        raise ConfigurationError(
+            f"Setting {key} has value {masked!r}, whose driver "
+            f"{parsed.get_driver_name()!r} is not async; expected an async driver, "
+            f"e.g. '{backend}+{driver}://...'."
+        )
+
+
+def _unknown_database_message(name: str, databases: tuple[DatabaseSettings, ...]) -> str:
+    if not databases:
+        return (f"No database named {name!r}: no database is configured. Set "
+                "asyncsql_database_url (or asyncsql_databases) in the Celery config.")
+    names = ", ".join(repr(d.name) for d in databases)
+    return f"No database named {name!r}; configured databases: {names}."

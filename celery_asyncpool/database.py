@@ -1,0 +1,200 @@
+"""Engines and session factories, one set per event loop, built where they run.
+
+An ``AsyncEngine``'s pool hands out connections bound to the loop that opened
+them, so each asyncsql loop (a worker child's, or the eager-mode helper's)
+builds its own engines from the settings and disposes them on that loop.
+
+SQLAlchemy is imported inside functions: the ``celery`` command imports this
+package for every invocation (its ``celery.commands`` entry point).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import DEFAULT_DATABASE, DatabaseSettings, Settings
+from .errors import NoRuntimeError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+logger = logging.getLogger(__name__)
+
+_by_loop: dict[asyncio.AbstractEventLoop, Databases] = {}
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How many tasks one process runs at once, and how many such processes share a cap.
+
+    ``slots=None`` leaves SQLAlchemy's own pool defaults alone (eager mode).
+    """
+
+    slots: int | None
+    processes: int
+    connection_cap: int
+
+
+def engine_options(database: DatabaseSettings, sizing: Sizing) -> dict[str, Any]:
+    """The ``create_async_engine`` options for one process, defaults filled in.
+
+    Queue pools get ``pool_size`` = the process's task slots (lowered so all
+    processes stay within the cap) and ``max_overflow`` = 0, each only where
+    the user did not set it; other pool classes are left as configured.
+    """
+    options = dict(database.engine_options)
+    if sizing.slots is not None and _is_queue_pool(_pool_class(database)):
+        share = max(1, sizing.connection_cap // sizing.processes)
+        options.setdefault("pool_size", max(1, min(sizing.slots, share)))
+        options.setdefault("max_overflow", 0)
+    return options
+
+
+def connections_per_process(database: DatabaseSettings, sizing: Sizing) -> int:
+    """Most connections one process's engine for ``database`` may open at once."""
+    from sqlalchemy.pool import NullPool, QueuePool
+
+    options = engine_options(database, sizing)
+    pool_class = _pool_class(database)
+    slots = sizing.slots or 1
+    if pool_class is not None and issubclass(pool_class, QueuePool):
+        return int(options.get("pool_size", 5)) + max(0, int(options.get("max_overflow", 10)))
+    if pool_class is not None and issubclass(pool_class, NullPool):
+        return slots
+    if pool_class is None:
+        return slots
+    return 1
+
+
+def _pool_class(database: DatabaseSettings) -> type | None:
+    from sqlalchemy.engine import make_url
+
+    if "pool" in database.engine_options:
+        return None
+    explicit = database.engine_options.get("poolclass")
+    if explicit is not None:
+        return explicit if isinstance(explicit, type) else None
+    url = make_url(database.url)
+    pool_class: type = url.get_dialect().get_pool_class(url)
+    return pool_class
+
+
+def _is_queue_pool(pool_class: type | None) -> bool:
+    from sqlalchemy.pool import QueuePool
+
+    return pool_class is not None and issubclass(pool_class, QueuePool)
+
+
+class Databases:
+    """The engines and session factories of one event loop.
+
+    Built on the loop that will use them; engines connect lazily, so building
+    never waits on the database. ``aclose`` disposes them on the same loop.
+    """
+
+    def __init__(self, settings: Settings, sizing: Sizing) -> None:
+        from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+        self.loop = asyncio.get_running_loop()
+        self.engines: dict[str, AsyncEngine] = {}
+        self.sessionmakers: dict[str, async_sessionmaker[AsyncSession]] = {}
+        self.settings = settings
+        for database in settings.databases:
+            built = create_async_engine(database.url, **engine_options(database, sizing))
+            self.engines[database.name] = built
+            session_options = {"expire_on_commit": False, **database.session_options}
+            self.sessionmakers[database.name] = async_sessionmaker(built, **session_options)
+        _by_loop[self.loop] = self
+
+    async def aclose(self) -> None:
+        """Dispose every engine, closing its pooled connections, on this loop."""
+        _by_loop.pop(self.loop, None)
+        for name, built in self.engines.items():
+            try:
+                await built.dispose()
+            except Exception:
+                logger.exception("Disposing the engine of database %r failed", name)
+
+    def engine(self, name: str) -> AsyncEngine:
+        try:
+            return self.engines[name]
+        except KeyError:
+            self.settings.database(name)  # raises, naming the configured databases
+            raise
+
+    def sessionmaker(self, name: str) -> async_sessionmaker[AsyncSession]:
+        self.engine(name)
+        return self.sessionmakers[name]
+
+
+def _current(caller: str) -> Databases:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise NoRuntimeError(
+            f"{caller} needs a running event loop: call it inside an async task "
+            "(or another coroutine) run by a -P asyncsql worker, or by eager mode "
+            "with base=AsyncTask."
+        ) from None
+    databases = _by_loop.get(loop)
+    if databases is None:
+        raise NoRuntimeError(
+            f"{caller} was called on an event loop that has no asyncsql databases: "
+            "it works inside async tasks run by a -P asyncsql worker child, or by "
+            "task.apply() / eager mode with base=AsyncTask. Elsewhere, build an "
+            "engine with sqlalchemy.ext.asyncio.create_async_engine."
+        )
+    return databases
+
+
+def session(name: str = DEFAULT_DATABASE) -> AsyncSession:
+    """A new ``AsyncSession`` on this loop's engine for database ``name``.
+
+    Use it as ``async with session() as s:``. Sessions default to
+    ``expire_on_commit=False``, so attributes stay readable after commit.
+
+    Raises:
+        NoRuntimeError: outside an asyncsql loop (see the message for where it works).
+        ConfigurationError: when no database ``name`` is configured.
+    """
+    return _current("session()").sessionmaker(name)()
+
+
+def engine(name: str = DEFAULT_DATABASE) -> AsyncEngine:
+    """This loop's ``AsyncEngine`` for database ``name``.
+
+    Raises:
+        NoRuntimeError: outside an asyncsql loop (see the message for where it works).
+        ConfigurationError: when no database ``name`` is configured.
+    """
+    return _current("engine()").engine(name)
+
+
+def dispose_inherited_engines() -> int:
+    """Detach this process from every engine pool it inherited through fork.
+
+    Engines built before fork, ours or the user's own ``create_async_engine``
+    at import, hold the parent's connections (and possibly queues bound to the
+    parent's loop). ``dispose(close=False)`` gives each a fresh pool without
+    touching the parent's connections. Returns how many engines were reset.
+    """
+    if "sqlalchemy.engine.base" not in sys.modules:
+        return 0
+    from sqlalchemy.engine.base import Engine, OptionEngineMixin
+
+    count = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, Engine) and not isinstance(obj, OptionEngineMixin):
+            obj.dispose(close=False)
+            count += 1
+    return count
+
+
+def forget_inherited_loops() -> None:
+    """Drop registrations of loops that belong to the parent (run after fork)."""
+    _by_loop.clear()

@@ -1,0 +1,160 @@
+"""Async task bodies: bridged onto the child's loop, and run to completion eagerly.
+
+In a worker child Celery's tracer calls ``task.run`` (or ``task.__call__``,
+which calls ``self.run``). Giving each ``async def`` task an instance
+attribute ``run`` that hands the coroutine to the loop and waits changes what
+the tracer executes without changing the tracer.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import inspect
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery import Task, signals
+from celery.app.trace import build_tracer
+
+from . import context
+from .config import Settings
+from .database import Sizing
+from .errors import BridgeError
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .child import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def is_async_task(task: Task) -> bool:
+    """True when the task's body is an ``async def``."""
+    return inspect.iscoroutinefunction(task.run)
+
+
+def async_tasks(app: Celery) -> dict[str, Task]:
+    return {name: task for name, task in app.tasks.items() if is_async_task(task)}
+
+
+def install_bridges(app: Celery, runtime: Runtime, hostname: str) -> None:
+    """Make every async task body run on ``runtime``'s loop when Celery's tracer calls it."""
+    context.install(app)
+    for name, task in async_tasks(app).items():
+        task.run = _bridge(task.run, runtime)
+        task.__trace__ = build_tracer(name, task, app.loader, hostname, app=app)
+
+
+def _bridge(body: Callable[..., Any], runtime: Runtime) -> Callable[..., Any]:
+    @functools.wraps(body)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if runtime.on_loop_thread():
+            return body(*args, **kwargs)  # awaited by the coroutine that called it
+        return runtime.run(body(*args, **kwargs))
+    return run
+
+
+class AsyncTask(Task):  # type: ignore[misc]
+    """Task base whose ``async def`` bodies also finish under ``apply()`` and eager mode.
+
+    ``Celery(..., task_cls="celery_asyncpool:AsyncTask")`` or
+    ``@app.task(base=AsyncTask)``. Eagerly the coroutine runs on a helper
+    thread's loop with its own engines, so it also works where another event
+    loop is already running. Calling the task directly (``task(1)``) still
+    returns the coroutine, to be awaited.
+    """
+
+    abstract = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().__call__(*args, **kwargs)
+        if inspect.iscoroutine(result) and self.request.is_eager:
+            return eager_runtime(self.app).run(result)
+        return result
+
+
+_eager_lock = threading.Lock()
+_eager: Runtime | None = None
+
+
+def eager_runtime(app: Celery) -> Runtime:
+    """This process's helper loop for eager async bodies, started on first use.
+
+    It builds engines from ``app``'s settings (SQLAlchemy's own pool sizes),
+    runs the ``on_child_start`` hooks, and is stopped at interpreter exit.
+
+    Raises:
+        BridgeError: when called from that helper loop itself (``await`` instead).
+    """
+    from .child import Runtime
+
+    global _eager
+    with _eager_lock:
+        if _eager is None:
+            settings = Settings.from_conf(app.conf)
+            runtime = Runtime(settings, Sizing(None, 1, settings.connection_cap),
+                              name="asyncsql-eager")
+            context.install(app)
+            runtime.start()
+            atexit.register(runtime.stop)
+            _eager = runtime
+    if _eager.on_loop_thread():
+        raise BridgeError(
+            "An eager async task was applied from inside another eager async task: "
+            "await the task's coroutine (call the task directly) instead of apply().")
+    return _eager
+
+
+def _forget_eager_runtime() -> None:
+    global _eager
+    _eager = None
+
+
+os.register_at_fork(after_in_child=_forget_eager_runtime)
+
+
+def refuse_async_tasks(app: Celery, pool_name: str) -> None:
+    """Fail each async task with an error saying to use ``-P asyncsql``.
+
+    Without this, another pool would store a coroutine or fail it with an
+    ``EncodeError`` whose message does not say what to do.
+    """
+    names = list(async_tasks(app))
+    if not names:
+        return
+    logger.error("Tasks %s are async def, which the %r pool cannot run: start the worker "
+                 "with -P asyncsql.", ", ".join(names), pool_name)
+    for task in async_tasks(app).values():
+        task.run = _refusal(task.run, task.name, pool_name)
+
+
+def _refusal(body: Callable[..., Any], name: str, pool_name: str) -> Callable[..., Any]:
+    @functools.wraps(body)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        raise BridgeError(
+            f"Task {name!r} is async def, which the {pool_name!r} pool cannot run; start "
+            "the worker with -P asyncsql (or worker_pool = 'asyncsql').")
+    return run
+
+
+@signals.worker_init.connect
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    from .pool import TaskPool
+
+    pool_cls = getattr(sender, "pool_cls", None)
+    if isinstance(pool_cls, type) and not issubclass(pool_cls, TaskPool):
+        refuse_async_tasks(sender.app, pool_cls.__module__.rsplit(".", 1)[-1])
+
+
+@signals.task_postrun.connect
+def _on_task_postrun(sender: Any = None, retval: Any = None, **_: Any) -> None:
+    if inspect.iscoroutine(retval):
+        logger.error(
+            "Task %s returned a coroutine instead of running it: declare it with "
+            "@app.task(base=celery_asyncpool.AsyncTask) for eager mode and apply(), "
+            "and run workers with -P asyncsql.", getattr(sender, "name", sender))
