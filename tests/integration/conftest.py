@@ -1,0 +1,177 @@
+"""Real services and real workers: the integration tests' harness.
+
+Each test starts ``celery worker`` as a subprocess on a queue of its own and
+stops it by its PID. A service that cannot be reached fails the test with a
+message naming it; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[2]
+PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+REDIS_URL = "redis://127.0.0.1:6379/14"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if Path(str(item.fspath)).is_relative_to(Path(__file__).parent):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def services() -> None:
+    """Fail, naming the service, when PostgreSQL or Redis cannot be reached."""
+    try:
+        psycopg.connect(PG_DSN, connect_timeout=5).close()
+    except Exception as exc:
+        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 (database 'test') is unreachable: {exc}",
+                    pytrace=False)
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5).ping()
+    except Exception as exc:
+        pytest.fail(f"Redis at 127.0.0.1:6379 is unreachable: {exc}", pytrace=False)
+
+
+def pg_scalar(sql: str, *params: object) -> object:
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        row = conn.execute(sql, params).fetchone()
+        return row[0] if row else None
+
+
+def pg_connections(app_name: str) -> int:
+    """Connections PostgreSQL holds for one worker, by its application_name."""
+    return int(pg_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", app_name))
+
+
+class Worker:
+    """A ``celery worker`` subprocess on a queue of its own."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], queue: str, app_name: str,
+                 log_path: Path) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.queue = queue
+        self.app_name = app_name
+        self.hostname = f"{queue}@{socket.gethostname()}"
+        self.log_path = log_path
+
+    def send(self, task, *args, **options):
+        """Publish ``task`` to this worker's queue."""
+        return task.apply_async(args=args, queue=self.queue, **options)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        try:
+            return sorted(p.pid for p in psutil.Process(self.pid).children())
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait_for_log(self, needle: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while needle not in self.logs():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.logs()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} in the worker log within {timeout_s}s:\n"
+                                     f"{self.logs()[-5000:]}")
+            time.sleep(0.1)
+
+    def wait_for_children(self, count: int, timeout_s: float = 20) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.children()) != count:
+            assert time.monotonic() < deadline, f"children {self.children()} != {count}"
+            time.sleep(0.1)
+        return self.children()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        """Send ``sig`` (warm shutdown by default) and wait for the worker to exit."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"worker did not exit within {timeout_s}s:\n{self.logs()[-5000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the worker and every child it still has."""
+        try:
+            family = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for proc in family:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait(10)
+
+
+@contextmanager
+def run_worker(tmp_path: Path, *, pool: str = "asyncsql", concurrency: int = 2,
+               conf: dict | None = None, args: tuple[str, ...] = (),
+               include: str = "tests.integration.tasks", env: dict | None = None,
+               ready: bool = True) -> Iterator[Worker]:
+    """Start a worker, wait until it is ready, and always stop it afterwards."""
+    queue = f"itest-{uuid.uuid4().hex[:10]}"
+    app_name = queue
+    log_path = tmp_path / f"{queue}.log"
+    environment = {
+        **os.environ,
+        "ITEST_QUEUE": queue,
+        "ITEST_APP_NAME": app_name,
+        "ITEST_INCLUDE": include,
+        "ITEST_CONF": json.dumps(conf or {}),
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
+    command = [sys.executable, "-m", "celery", "-A", "tests.integration.app", "worker",
+               "-l", "info", "-n", f"{queue}@%h", "-Q", queue,
+               "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if pool:
+        command += ["-P", pool]
+    if concurrency:
+        command += ["-c", str(concurrency)]
+    command += list(args)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log,
+                                stderr=subprocess.STDOUT)
+    worker = Worker(proc, queue, app_name, log_path)
+    try:
+        if ready:
+            worker.wait_for_log(" ready.")
+        yield worker
+    finally:
+        if worker.proc.poll() is None:
+            try:
+                worker.stop(timeout_s=30)
+            except AssertionError:
+                pass
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path):
+    """``with worker_factory(pool=..., concurrency=..., conf=...) as w:``."""
+    def factory(**kwargs):
+        return run_worker(tmp_path, **kwargs)
+    return factory
