@@ -4,8 +4,6 @@
 and builds its engines after fork, on that loop.
 """
 
-from __future__ import annotations
-
 from .database import engine as engine
 from .database import session as session
 from .errors import AsyncPoolError as AsyncPoolError

@@ -19,7 +19,7 @@ def run_check(app: Any, processes: int, *, echo: Callable[[str], Any]) -> list[s
     except ConfigurationError as exc:
         return [str(exc)]
     if settings.processes not in (None, processes):
-        return [f"Setting 'asyncsql_processes' has value {settings.processes!r}; expected the "
+        return [f"Setting asyncsql_processes has value {settings.processes!r}; expected the "
                 f"worker's concurrency ({processes})."]
     sizing = Sizing(SLOTS_PER_CHILD, processes, settings.connection_cap)
     echo(f"processes: {processes}, task slots per process: {SLOTS_PER_CHILD}")

@@ -149,7 +149,7 @@ def _checked(option: Option, conf: Mapping[str, Any]) -> Any:
     value = conf.get(option.key, option.default)
     if not option.check(value):
         raise ConfigurationError(
-            f"Setting {option.key!r} has value {value!r}; expected {option.expected}."
+            f"Setting {option.key} has value {value!r}; expected {option.expected}."
         )
     return value
 
@@ -237,3 +237,10 @@ def _unknown_database_message(name: str, databases: tuple[DatabaseSettings, ...]
                 "asyncsql_database_url (or asyncsql_databases) in the Celery config.")
     names = ", ".join(repr(d.name) for d in databases)
     return f"No database named {name!r}; configured databases: {names}."
+
+
+def settings_reference() -> str:
+    """The settings as a Markdown table, for the README (a test keeps them equal)."""
+    rows = ["| setting | default | accepts | what it does |", "|---|---|---|---|"]
+    rows += [f"| `{o.key}` | `{o.default!r}` | {o.expected} | {o.doc} |" for o in OPTIONS]
+    return "\n".join(rows)

@@ -82,7 +82,7 @@ class TaskPool(prefork.TaskPool):  # type: ignore[misc]
         self.settings = Settings.from_conf(self.app.conf)
         if self.settings.processes not in (None, self.limit):
             raise ConfigurationError(
-                f"Setting 'asyncsql_processes' has value {self.settings.processes!r}; expected "
+                f"Setting asyncsql_processes has value {self.settings.processes!r}; expected "
                 f"the worker's concurrency ({self.limit}): each child runs one task at a time "
                 "in this version, so -c is the number of children.")
         self.sizing = Sizing(SLOTS_PER_CHILD, self.limit, self.settings.connection_cap)

@@ -33,20 +33,28 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def is_async_task(task: Task) -> bool:
-    """True when the task's body is an ``async def``."""
-    return inspect.iscoroutinefunction(task.run)
+def body_attribute(task: Task) -> str | None:
+    """The attribute holding the task's ``async def`` body, or None for a sync task.
+
+    Celery's ``autoretry_for`` replaces ``run`` with a sync wrapper that calls
+    the body kept as ``_orig_run``; bridging that keeps autoretry working.
+    """
+    for attribute in ("_orig_run", "run"):
+        if inspect.iscoroutinefunction(getattr(task, attribute, None)):
+            return attribute
+    return None
 
 
 def async_tasks(app: Celery) -> dict[str, Task]:
-    return {name: task for name, task in app.tasks.items() if is_async_task(task)}
+    return {name: task for name, task in app.tasks.items() if body_attribute(task)}
 
 
 def install_bridges(app: Celery, runtime: Runtime, hostname: str) -> None:
     """Make every async task body run on ``runtime``'s loop when Celery's tracer calls it."""
     context.install(app)
     for name, task in async_tasks(app).items():
-        task.run = _bridge(task.run, runtime)
+        attribute = body_attribute(task)
+        setattr(task, attribute, _bridge(getattr(task, attribute), runtime))
         task.__trace__ = build_tracer(name, task, app.loader, hostname, app=app)
 
 
@@ -130,7 +138,8 @@ def refuse_async_tasks(app: Celery, pool_name: str) -> None:
     logger.error("Tasks %s are async def, which the %r pool cannot run: start the worker "
                  "with -P asyncsql.", ", ".join(names), pool_name)
     for task in async_tasks(app).values():
-        task.run = _refusal(task.run, task.name, pool_name)
+        attribute = body_attribute(task)
+        setattr(task, attribute, _refusal(getattr(task, attribute), task.name, pool_name))
 
 
 def _refusal(body: Callable[..., Any], name: str, pool_name: str) -> Callable[..., Any]:

@@ -51,7 +51,8 @@ def services() -> None:
 
 def pg_scalar(sql: str, *params: object) -> object:
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        row = conn.execute(sql, params).fetchone()
+        cursor = conn.execute(sql, params)
+        row = cursor.fetchone() if cursor.description else None
         return row[0] if row else None
 
 

@@ -1,0 +1,46 @@
+"""The examples run as written: the embedded quickstart, and both on PostgreSQL and Redis."""
+
+import os
+import subprocess
+import sys
+
+from .conftest import ROOT, pg_scalar
+
+
+def run_example(script, tmp_path, env, *args):
+    environment = {**os.environ, **env}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
+                          capture_output=True, text=True, env=environment, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_quickstart_needs_no_server(tmp_path):
+    out = run_example("quickstart/main.py", tmp_path, {"QUICKSTART_VAR": str(tmp_path)},
+                      "--tasks", "6")
+    assert "6 tasks done by a -P asyncsql worker" in out
+    assert "'visits': 2" in out and "broker: filesystem://" in out
+
+
+def test_quickstart_on_postgresql_and_redis(tmp_path):
+    pg_scalar("DROP TABLE IF EXISTS visits")
+    out = run_example("quickstart/main.py", tmp_path, {
+        "QUICKSTART_VAR": str(tmp_path),
+        "QUICKSTART_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+        "QUICKSTART_BROKER": "redis://127.0.0.1:6379/13",
+        "QUICKSTART_BACKEND": "redis://127.0.0.1:6379/13",
+    }, "--tasks", "4")
+    assert "4 tasks done" in out
+    assert pg_scalar("SELECT count(*) FROM visits") == 4
+
+
+def test_orm_example_updates_commits_and_retries_after_rollback(tmp_path):
+    out = run_example("orm/main.py", tmp_path, {
+        "ORM_VAR": str(tmp_path),
+        "ORM_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+        "ORM_BROKER": "redis://127.0.0.1:6379/13",
+        "ORM_BACKEND": "redis://127.0.0.1:6379/13",
+    }, "--users", "3")
+    assert "{'user': 'user-1', 'status': 'active', 'logins': 1, 'attempts': 2}" in out
+    assert pg_scalar("SELECT sum(logins) FROM orm_profiles") == 3
+    assert pg_scalar("SELECT count(*) FROM orm_users WHERE status = 'active'") == 3

@@ -1,0 +1,108 @@
+"""Settings validation: every bad value names the key, the value and what is expected."""
+
+import re
+
+import pytest
+
+from celery_asyncpool.config import KNOWN_KEYS, Settings
+from celery_asyncpool.errors import ConfigurationError
+
+PG = "postgresql+asyncpg://app:s3cret@db/app"
+
+
+def test_defaults_without_any_setting():
+    settings = Settings.from_conf({})
+    assert settings.processes is None
+    assert settings.databases == ()
+    assert settings.connection_cap == 80
+
+
+def test_unknown_key_suggests_the_closest_and_lists_the_known():
+    with pytest.raises(ConfigurationError, match=r"'asyncsql_proceses'.*Did you mean "
+                                                 r"'asyncsql_processes'.*Known settings: "):
+        Settings.from_conf({"asyncsql_proceses": 2})
+
+
+def test_other_settings_are_not_ours_to_judge():
+    Settings.from_conf({"database_url": "x", "worker_concurrency": 4})
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("asyncsql_processes", -1, "a whole number >= 1"),
+    ("asyncsql_processes", "2", "a whole number >= 1"),
+    ("asyncsql_processes", True, "a whole number >= 1"),
+    ("asyncsql_connection_cap", 0, "a whole number >= 1"),
+    ("asyncsql_hook_timeout_s", 0, r"a number of seconds > 0"),
+    ("asyncsql_cancel_grace_s", -1, r"a number of seconds >= 0"),
+    ("asyncsql_engine_options", ["pool_size"], "a dict"),
+    ("asyncsql_database_url", 5, "an async SQLAlchemy URL"),
+])
+def test_wrong_type_or_range_names_key_value_and_expectation(key, value, expected):
+    with pytest.raises(ConfigurationError, match=rf"Setting {key} has value {re.escape(repr(value))}; expected {expected}"):
+        Settings.from_conf({key: value})
+
+
+def test_sync_driver_is_refused_with_the_async_one_to_use_and_no_password():
+    with pytest.raises(ConfigurationError, match=r"driver 'psycopg2?' is not async.*"
+                                                 r"'postgresql\+asyncpg://\.\.\.'") as caught:
+        Settings.from_conf({"asyncsql_database_url": "postgresql://app:s3cret@db/app"})
+    assert "s3cret" not in str(caught.value)
+
+
+def test_unknown_dialect_is_refused():
+    with pytest.raises(ConfigurationError, match="does not know"):
+        Settings.from_conf({"asyncsql_database_url": "nosuchdb+x://h/db"})
+
+
+def test_named_databases_take_a_url_or_a_dict():
+    settings = Settings.from_conf({
+        "asyncsql_database_url": PG,
+        "asyncsql_engine_options": {"pool_pre_ping": True},
+        "asyncsql_databases": {
+            "reports": "sqlite+aiosqlite:///reports.db",
+            "audit": {"url": PG, "engine_options": {"echo": True},
+                      "session_options": {"autoflush": False}},
+        },
+    })
+    assert [d.name for d in settings.databases] == ["default", "reports", "audit"]
+    assert settings.database("default").engine_options == {"pool_pre_ping": True}
+    assert settings.database("audit").session_options == {"autoflush": False}
+    assert settings.database("audit").masked_url == "postgresql+asyncpg://app:***@db/app"
+
+
+def test_a_named_database_spec_without_url_is_refused():
+    with pytest.raises(ConfigurationError, match=r"asyncsql_databases\['x'\].*expected a URL"):
+        Settings.from_conf({"asyncsql_databases": {"x": {"engine_options": {}}}})
+
+
+def test_default_may_be_defined_only_once():
+    with pytest.raises(ConfigurationError, match="set only one of them"):
+        Settings.from_conf({"asyncsql_database_url": PG, "asyncsql_databases": {"default": PG}})
+
+
+def test_unknown_database_name_lists_the_configured_ones():
+    settings = Settings.from_conf({"asyncsql_database_url": PG})
+    with pytest.raises(ConfigurationError, match=r"No database named 'other'; configured "
+                                                 r"databases: 'default'"):
+        settings.database("other")
+
+
+def test_no_database_configured_says_which_setting_to_set():
+    with pytest.raises(ConfigurationError, match="Set asyncsql_database_url"):
+        Settings.from_conf({}).database("default")
+
+
+def test_every_option_is_documented():
+    from celery_asyncpool.config import OPTIONS
+
+    assert len(set(KNOWN_KEYS)) == len(OPTIONS)
+    assert all(option.doc and option.expected for option in OPTIONS)
+
+
+def test_readme_settings_reference_matches_the_definitions():
+    from pathlib import Path
+
+    from celery_asyncpool.config import settings_reference
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert settings_reference() in readme, "regenerate the README table from settings_reference()"

@@ -1,0 +1,44 @@
+"""Engine sizing: pool_size follows task slots within the connection cap."""
+
+from sqlalchemy.pool import NullPool, StaticPool
+
+from celery_asyncpool.config import DatabaseSettings
+from celery_asyncpool.database import Sizing, connections_per_process, engine_options
+
+PG = "postgresql+asyncpg://postgres@127.0.0.1/test"
+
+
+def db(url=PG, **engine):
+    return DatabaseSettings("default", url, engine, {})
+
+
+def test_queue_pool_gets_slots_and_no_overflow():
+    options = engine_options(db(pool_pre_ping=True), Sizing(slots=1, processes=2, connection_cap=80))
+    assert options == {"pool_pre_ping": True, "pool_size": 1, "max_overflow": 0}
+    assert connections_per_process(db(), Sizing(1, 2, 80)) == 1
+
+
+def test_pool_size_is_lowered_to_stay_within_the_cap():
+    options = engine_options(db(), Sizing(slots=50, processes=2, connection_cap=80))
+    assert options["pool_size"] == 40
+
+
+def test_the_users_explicit_values_win():
+    options = engine_options(db(pool_size=7), Sizing(1, 2, 80))
+    assert options == {"pool_size": 7, "max_overflow": 0}
+
+
+def test_nullpool_and_staticpool_take_no_pool_size():
+    assert engine_options(db(poolclass=NullPool), Sizing(3, 2, 80)) == {"poolclass": NullPool}
+    assert connections_per_process(db(poolclass=NullPool), Sizing(3, 2, 80)) == 3
+    assert engine_options(db(poolclass=StaticPool), Sizing(3, 2, 80)) == {"poolclass": StaticPool}
+    assert connections_per_process(db(poolclass=StaticPool), Sizing(3, 2, 80)) == 1
+
+
+def test_sqlite_memory_database_keeps_its_static_pool():
+    memory = db("sqlite+aiosqlite://")
+    assert engine_options(memory, Sizing(2, 2, 80)) == {}
+
+
+def test_eager_sizing_leaves_sqlalchemy_defaults():
+    assert engine_options(db(), Sizing(None, 1, 80)) == {}

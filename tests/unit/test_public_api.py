@@ -1,0 +1,47 @@
+"""The public surface, registration and its guard against Celery changes."""
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+import celery_asyncpool
+from celery_asyncpool import registration
+from celery_asyncpool.errors import AsyncPoolError
+
+
+def test_all_lists_exactly_the_public_names():
+    public = {name for name in dir(celery_asyncpool) if not name.startswith("_")}
+    modules = {name for name in public
+               if isinstance(getattr(celery_asyncpool, name), types.ModuleType)}
+    assert set(celery_asyncpool.__all__) == public - modules
+
+
+def test_pool_name_is_registered_for_config_and_cli():
+    from celery import concurrency
+    from celery.bin.worker import WORKERS_POOL
+
+    registration.register()
+    assert concurrency.ALIASES["asyncsql"] == "celery_asyncpool.pool:TaskPool"
+    assert "asyncsql" in WORKERS_POOL.choices
+    assert concurrency.get_implementation("asyncsql") is celery_asyncpool.TaskPool
+
+
+def test_a_celery_that_moved_the_cli_choices_fails_loudly(monkeypatch):
+    moved = types.ModuleType("celery.bin.worker")
+    monkeypatch.setitem(sys.modules, "celery.bin.worker", moved)
+    with pytest.raises(AsyncPoolError, match="worker_pool = 'asyncsql'"):
+        registration.register()
+
+
+def test_the_celery_command_offers_the_pool_without_a_user_import():
+    out = subprocess.run([sys.executable, "-m", "celery", "worker", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "asyncsql" in out
+
+
+def test_the_cli_plugin_does_not_import_sqlalchemy():
+    code = "import sys, celery_asyncpool.cli; print('sqlalchemy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

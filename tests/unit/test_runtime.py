@@ -1,0 +1,155 @@
+"""The child runtime without Celery's worker: one loop, the bridge, cancellation."""
+
+import asyncio
+import signal
+import threading
+
+import pytest
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import text
+
+from celery_asyncpool import BridgeError, NoRuntimeError, engine, session
+from celery_asyncpool.child import Runtime
+from celery_asyncpool.config import Settings
+from celery_asyncpool.context import install
+from celery_asyncpool.database import Sizing
+from celery_asyncpool.errors import TaskCancelledError
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    settings = Settings.from_conf({
+        "asyncsql_database_url": f"sqlite+aiosqlite:///{tmp_path}/unit.db",
+        "asyncsql_cancel_grace_s": 2,
+    })
+    runtime = Runtime(settings, Sizing(1, 1, 80))
+    runtime.start()
+    yield runtime
+    runtime.stop()
+
+
+def test_coroutines_share_one_loop_on_its_own_thread(runtime):
+    async def where():
+        return asyncio.get_running_loop(), threading.current_thread().name
+
+    first, second = runtime.run(where()), runtime.run(where())
+    assert first == second == (runtime.loop, "asyncsql-loop")
+
+
+def test_session_and_engine_work_on_the_runtime_loop(runtime):
+    async def query():
+        async with session() as s:
+            value = (await s.execute(text("SELECT 41 + 1"))).scalar_one()
+        return value, engine().pool.size()
+
+    assert runtime.run(query()) == (42, 1)
+
+
+def test_session_outside_a_runtime_says_where_it_works():
+    async def outside():
+        return session()
+
+    with pytest.raises(NoRuntimeError, match="-P asyncsql worker child"):
+        asyncio.run(outside())
+    with pytest.raises(NoRuntimeError, match="needs a running event loop"):
+        session()
+
+
+def test_exceptions_cross_the_bridge_unchanged(runtime):
+    async def fail():
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        runtime.run(fail())
+
+
+def test_running_on_the_loop_thread_is_refused(runtime):
+    async def nested():
+        inner = asyncio.sleep(0)
+        with pytest.raises(BridgeError, match="await the coroutine instead"):
+            runtime.run(inner)
+        return "refused"
+
+    assert runtime.run(nested()) == "refused"
+
+
+def test_a_cancellation_the_pool_did_not_ask_for_is_a_task_error(runtime):
+    async def cancelled():
+        raise asyncio.CancelledError("somebody else")
+
+    with pytest.raises(TaskCancelledError, match="somebody else"):
+        runtime.run(cancelled())
+
+
+def _soft_limit_in(seconds):
+    def handler(signum, frame):
+        raise SoftTimeLimitExceeded()
+    previous = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    return previous
+
+
+def test_soft_limit_cancels_the_coroutine_at_its_await(runtime):
+    unwound = []
+
+    async def slow():
+        try:
+            await asyncio.sleep(30)
+        finally:
+            unwound.append(True)
+
+    previous = _soft_limit_in(0.2)
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            runtime.run(slow())
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert unwound == [True]
+
+
+def test_a_coroutine_may_handle_the_soft_limit(runtime):
+    async def careful():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError as exc:
+            return f"cleaned up after: {exc.args[0]}"
+
+    previous = _soft_limit_in(0.2)
+    try:
+        outcome = runtime.run(careful())
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert outcome == "cleaned up after: celery_asyncpool: soft time limit exceeded"
+
+
+def test_request_identity_follows_the_caller_onto_the_loop(runtime):
+    app = Celery("unit", set_as_current=False)
+
+    @app.task(bind=True)
+    def probe(self):
+        async def inside():
+            before = self.request.id
+            await asyncio.sleep(0)
+            return before, self.request.id, await asyncio.to_thread(lambda: self.request.id)
+        return runtime.run(inside())
+
+    install(app)
+    assert probe.apply(task_id="abc-123").get() == ("abc-123",) * 3
+
+
+def test_stop_disposes_engines_and_closes_the_loop(tmp_path):
+    settings = Settings.from_conf({"asyncsql_database_url": f"sqlite+aiosqlite:///{tmp_path}/x.db"})
+    runtime = Runtime(settings, Sizing(1, 1, 80))
+    runtime.start()
+
+    async def use():
+        async with engine().connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        return engine().pool.checkedin()
+
+    assert runtime.run(use()) == 1
+    built = runtime.databases.engine("default")
+    runtime.stop()
+    assert runtime.loop.is_closed()
+    assert built.pool.checkedin() == 0
