@@ -1,0 +1,54 @@
+"""`celery asyncsql check`, and bad settings failing a worker at start-up with a clear message."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+def celery(*args, conf=None, timeout=90):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ITEST_CONF": json.dumps(conf or {})}
+    return subprocess.run([sys.executable, "-m", "celery", "-A", "tests.integration.app", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_check_prints_settings_and_budget_and_connects():
+    done = celery("asyncsql", "check", "-c", "3")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "processes: 3, task slots per process: 1" in done.stdout
+    assert "connections: 1 per process, 3 in all" in done.stdout
+    assert "connected, server max_connections = " in done.stdout
+
+
+def test_check_fails_on_an_unreachable_database_without_leaking_the_password():
+    done = celery("asyncsql", "check", conf={
+        "asyncsql_database_url": "postgresql+asyncpg://postgres:hunter2@127.0.0.1:1/test"})
+    assert done.returncode == 1
+    assert "Database 'default' (postgresql+asyncpg://postgres:***@127.0.0.1:1/test) " \
+           "cannot be reached" in done.stderr
+    assert "hunter2" not in done.stdout + done.stderr
+
+
+def test_check_fails_when_the_budget_exceeds_max_connections():
+    done = celery("asyncsql", "check", "-c", "2",
+                  conf={"asyncsql_engine_options": {"pool_size": 1000}})
+    assert done.returncode == 1
+    assert "above the server's max_connections" in done.stderr
+
+
+@pytest.mark.parametrize("conf,message", [
+    ({"asyncsql_proceses": 2}, "Did you mean 'asyncsql_processes'?"),
+    ({"asyncsql_processes": 3}, "Setting asyncsql_processes has value 3; expected the worker's "
+                                "concurrency (2)"),
+    ({"asyncsql_database_url": "postgresql+psycopg2://u:pw@h/db"},
+     "driver 'psycopg2' is not async"),
+])
+def test_a_worker_with_a_bad_setting_fails_at_start_up_naming_it(conf, message):
+    done = celery("worker", "-P", "asyncsql", "-c", "2", "-Q", "itest-never-used", conf=conf)
+    assert done.returncode != 0
+    assert message in done.stdout + done.stderr
+    assert "pw@" not in done.stdout + done.stderr
