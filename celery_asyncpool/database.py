@@ -80,7 +80,8 @@ def _pool_class(database: DatabaseSettings) -> type | None:
     if explicit is not None:
         return explicit if isinstance(explicit, type) else None
     url = make_url(database.url)
-    pool_class: type = url.get_dialect().get_pool_class(url)
+    dialect: Any = url.get_dialect()
+    pool_class: type = dialect.get_pool_class(url)
     return pool_class
 
 

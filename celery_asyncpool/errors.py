@@ -9,7 +9,7 @@ class AsyncPoolError(Exception):
     """Base class for every error this package raises."""
 
 
-class ConfigurationError(AsyncPoolError, ImproperlyConfigured):
+class ConfigurationError(AsyncPoolError, ImproperlyConfigured):  # type: ignore[misc]
     """An ``asyncsql_*`` setting has a wrong name, type or value."""
 
 

@@ -50,7 +50,7 @@ def child_destructor(pid: int, exitcode: int) -> None:
 def _with_child_runtime(base: type) -> type:
     """``base`` (billiard's pool or Celery's AsynPool) starting children with our runtime."""
 
-    class Pool(base):  # type: ignore[valid-type,misc]
+    class Pool(base):  # type: ignore[misc]
         def __init__(self, *args: Any, initializer: Any = None, initargs: tuple[Any, ...] = (),
                      on_process_exit: Any = None, processes: int | None = None,
                      **kwargs: Any) -> None:

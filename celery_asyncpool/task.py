@@ -45,15 +45,20 @@ def body_attribute(task: Task) -> str | None:
     return None
 
 
-def async_tasks(app: Celery) -> dict[str, Task]:
-    return {name: task for name, task in app.tasks.items() if body_attribute(task)}
+def async_tasks(app: Celery) -> dict[str, tuple[Task, str]]:
+    """Each async task by name, with the attribute holding its body."""
+    found = {}
+    for name, task in app.tasks.items():
+        attribute = body_attribute(task)
+        if attribute is not None:
+            found[name] = (task, attribute)
+    return found
 
 
 def install_bridges(app: Celery, runtime: Runtime, hostname: str) -> None:
     """Make every async task body run on ``runtime``'s loop when Celery's tracer calls it."""
     context.install(app)
-    for name, task in async_tasks(app).items():
-        attribute = body_attribute(task)
+    for name, (task, attribute) in async_tasks(app).items():
         setattr(task, attribute, _bridge(getattr(task, attribute), runtime))
         task.__trace__ = build_tracer(name, task, app.loader, hostname, app=app)
 
@@ -137,8 +142,7 @@ def refuse_async_tasks(app: Celery, pool_name: str) -> None:
         return
     logger.error("Tasks %s are async def, which the %r pool cannot run: start the worker "
                  "with -P asyncsql.", ", ".join(names), pool_name)
-    for task in async_tasks(app).values():
-        attribute = body_attribute(task)
+    for task, attribute in async_tasks(app).values():
         setattr(task, attribute, _refusal(getattr(task, attribute), task.name, pool_name))
 
 
@@ -151,7 +155,6 @@ def _refusal(body: Callable[..., Any], name: str, pool_name: str) -> Callable[..
     return run
 
 
-@signals.worker_init.connect
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     from .pool import TaskPool
 
@@ -160,10 +163,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
         refuse_async_tasks(sender.app, pool_cls.__module__.rsplit(".", 1)[-1])
 
 
-@signals.task_postrun.connect
 def _on_task_postrun(sender: Any = None, retval: Any = None, **_: Any) -> None:
     if inspect.iscoroutine(retval):
         logger.error(
             "Task %s returned a coroutine instead of running it: declare it with "
             "@app.task(base=celery_asyncpool.AsyncTask) for eager mode and apply(), "
             "and run workers with -P asyncsql.", getattr(sender, "name", sender))
+
+
+signals.worker_init.connect(_on_worker_init, weak=False)
+signals.task_postrun.connect(_on_task_postrun, weak=False)
