@@ -215,7 +215,7 @@ def _check_async_url(url: str, key: str) -> None:
         ) from None
     masked = parsed.render_as_string(hide_password=True)
     try:
-        dialect = parsed.get_dialect()
+        dialect = parsed.get_dialect().get_async_dialect_cls(parsed)
     except NoSuchModuleError:
         raise ConfigurationError(
             f"Setting {key} has value {masked!r}, whose dialect or driver "

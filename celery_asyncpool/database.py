@@ -80,7 +80,7 @@ def _pool_class(database: DatabaseSettings) -> type | None:
     if explicit is not None:
         return explicit if isinstance(explicit, type) else None
     url = make_url(database.url)
-    dialect: Any = url.get_dialect()
+    dialect: Any = url.get_dialect().get_async_dialect_cls(url)
     pool_class: type = dialect.get_pool_class(url)
     return pool_class
 
