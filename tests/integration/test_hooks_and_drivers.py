@@ -39,6 +39,7 @@ def test_a_failing_start_hook_is_logged_by_name_and_the_child_exits(worker_facto
         worker.wait_for_log("on_child_start hook tests.integration.tasks_hooks.remember_start "
                             "failed")
         assert "the start hook was told to fail" in worker.logs()
+        assert worker.proc.wait(60) != 0, "as prefork: a worker whose children cannot start exits"
 
 
 def test_an_absent_database_does_not_delay_start_and_fails_tasks_clearly(worker_factory):
