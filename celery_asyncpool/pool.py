@@ -8,6 +8,7 @@ the child's persistent loop, on a second thread (``child.Runtime``).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from billiard.pool import Pool as _BillardBlockingPool
@@ -17,12 +18,13 @@ from celery.concurrency.asynpool import AsynPool
 from .child import Runtime
 from .config import Settings
 from .database import Sizing, connections_per_process, dispose_inherited_engines, forget_inherited_loops
-from .errors import AsyncPoolError, ConfigurationError
+from .errors import AsyncPoolError, ChildStartError, ConfigurationError
 from .task import install_bridges
 
 logger = logging.getLogger(__name__)
 
 SLOTS_PER_CHILD = 1
+RESTART_DELAY_S = 1.0
 
 _runtime: Runtime | None = None
 
@@ -37,7 +39,11 @@ def child_initializer(app: Any, hostname: str, processes: int) -> None:
     _runtime.start_loop()
     prefork.process_initializer(app, hostname)
     install_bridges(app, _runtime, hostname)
-    _runtime.open()
+    try:
+        _runtime.open()
+    except ChildStartError:
+        time.sleep(RESTART_DELAY_S)  # billiard replaces the child at once: no hot restart loop
+        raise
 
 
 def child_destructor(pid: int, exitcode: int) -> None:

@@ -112,10 +112,12 @@ def eager_runtime(app: Celery) -> Runtime:
             settings = Settings.from_conf(app.conf)
             runtime = Runtime(settings, Sizing(None, 1, settings.connection_cap),
                               name="asyncsql-eager")
-            context.install(app)
             runtime.start()
             atexit.register(runtime.stop)
             _eager = runtime
+        # Every call, not only the first: tasks registered since, or on another
+        # app, must see their own request on the helper loop too.
+        context.install(app)
     if _eager.on_loop_thread():
         raise BridgeError(
             "An eager async task was applied from inside another eager async task: "
