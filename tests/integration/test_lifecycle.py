@@ -1,0 +1,372 @@
+"""Rows 1 (rest), 14, 15, 19, 22 and 23 of DESIGN.md: how children and workers live and die.
+
+Where the row says "as prefork", the same test runs against stock prefork with a
+sync twin of the task, and both must behave alike.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+
+import psutil
+import psycopg
+import pytest
+import redis
+from celery import Celery
+
+from . import tasks, tasks_lifecycle
+from .app import app
+from .conftest import PG_DSN, REDIS_URL, ROOT, Worker, pg_connections
+
+INCLUDE = "tests.integration.tasks,tests.integration.tasks_lifecycle"
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+ASYNC_ADD = "tests.integration.tasks.async_add"
+BACKEND_PID = "tests.integration.tasks.backend_pid"
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def eventually(check, timeout_s=30.0, interval_s=0.1, what="condition"):
+    """Poll ``check()`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s}s (last: {value!r})")
+        time.sleep(interval_s)
+
+
+def pg_rows(sql, *params):
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def pg_execute(sql):
+    with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def backends(app_name):
+    """PostgreSQL backend pid -> state, for one application_name."""
+    return dict(pg_rows("SELECT pid, state FROM pg_stat_activity WHERE application_name = %s",
+                        app_name))
+
+
+def broker_redis():
+    return redis.Redis.from_url(REDIS_URL)
+
+
+def unacked_task_ids():
+    """Task ids of the messages kombu's Redis transport holds as delivered, not acked."""
+    ids = set()
+    for raw in broker_redis().hvals("unacked"):
+        payload = json.loads(raw)[0]
+        ids.add(payload.get("headers", {}).get("id"))
+    return ids
+
+
+def queued_messages(queue):
+    client = broker_redis()
+    return sum(client.llen(key) for key in client.scan_iter(match=f"{queue}*")
+               if client.type(key) == b"list")
+
+
+def assert_clean_log(worker):
+    logs = worker.logs()
+    for needle in ("different loop", "Traceback", "another operation is in progress",
+                   "Exception terminating connection"):
+        assert needle not in logs, f"{needle!r} in the worker log:\n{logs[-5000:]}"
+
+
+@pytest.fixture
+def table():
+    """A table for side effects: one row per task run."""
+    name = f"lifecycle_{uuid.uuid4().hex[:12]}"
+    pg_execute(f"CREATE TABLE {name} (token text NOT NULL, pid integer NOT NULL)")
+    yield name
+    pg_execute(f"DROP TABLE IF EXISTS {name}")
+
+
+# --- row 14: worker_max_tasks_per_child ----------------------------------------------------
+
+@pytest.mark.parametrize("pool,task", [("asyncsql", tasks_lifecycle.record),
+                                       ("prefork", tasks_lifecycle.sync_record)])
+def test_max_tasks_per_child_replaces_children_and_runs_each_task_once(
+        worker_factory, table, pool, task):
+    limit, count = 3, 15
+    with worker_factory(pool=pool, concurrency=2, include=INCLUDE,
+                        args=("--max-tasks-per-child", str(limit))) as worker:
+        worker.wait_for_children(2)
+        tokens = [uuid.uuid4().hex for _ in range(count)]
+        results = [worker.send(task, table, token, 0.05) for token in tokens]
+        pids = [result.get(timeout=90) for result in results]
+        assert [result.state for result in results] == ["SUCCESS"] * count
+
+        # Nothing lost, nothing run twice: one row per task, written by the child it names.
+        rows = pg_rows(f"SELECT token, pid FROM {table}")
+        assert sorted(token for token, _ in rows) == sorted(tokens)
+        assert dict(rows) == dict(zip(tokens, pids))
+
+        # Each child ran at most `limit` tasks; those that ran `limit` were replaced.
+        per_child = Counter(pids)
+        assert max(per_child.values()) <= limit, per_child
+        assert len(per_child) >= count // limit, per_child
+        retired = {pid for pid, n in per_child.items() if n == limit}
+        assert len(retired) >= count // limit - 1, per_child
+
+        def replaced():
+            children = set(worker.children())
+            return len(children) == 2 and not children & retired and children
+        children = eventually(replaced, what="retired children replaced")
+        assert {pid for pid, n in per_child.items() if n < limit} <= children
+
+        # The pool still runs tasks after the turnover.
+        assert worker.send(task, table, uuid.uuid4().hex, 0).get(timeout=30) in worker.children()
+
+        if pool == "asyncsql":
+            # Each retired child disposed its engine on the way out; the worker is within
+            # its budget of one connection per child.
+            eventually(lambda: pg_connections(worker.app_name) <= 2, timeout_s=15,
+                       what="connections back within budget")
+            def disposed():
+                logs = worker.logs()
+                return all(f"lifecycle-pool-close pid={pid}" in logs for pid in retired)
+            eventually(disposed, timeout_s=15, what="each retired child disposing its engine")
+            assert_clean_log(worker)
+    assert pg_connections(worker.app_name) == 0
+
+
+# --- row 15: worker_max_memory_per_child ---------------------------------------------------
+
+LIMIT_KB = 250_000
+
+
+@pytest.mark.parametrize("pool,allocate,whoami", [
+    ("asyncsql", tasks.allocate_mb, tasks.child_pid),
+    ("prefork", tasks_lifecycle.sync_allocate_mb, tasks.sync_child_pid),
+])
+def test_max_memory_per_child_replaces_the_child_after_its_task(
+        worker_factory, pool, allocate, whoami):
+    with worker_factory(pool=pool, concurrency=1, include=INCLUDE,
+                        conf={"worker_max_memory_per_child": LIMIT_KB}) as worker:
+        [child] = worker.wait_for_children(1)
+        assert psutil.Process(child).memory_info().rss // 1024 < LIMIT_KB // 2
+        # Below the limit the child stays.
+        assert worker.send(whoami).get(timeout=30) == child
+        assert worker.send(whoami).get(timeout=30) == child
+
+        big = worker.send(allocate, 300)
+        after = worker.send(whoami)
+        assert big.get(timeout=60) == child
+        assert big.state == "SUCCESS"
+        replacement = after.get(timeout=60)
+        assert replacement != child
+        eventually(lambda: worker.children() == [replacement], what="one child, the new one")
+        assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie"
+        assert worker.send(whoami).get(timeout=30) == replacement
+
+
+# --- row 19: warm shutdown with tasks in flight ------------------------------------------------
+
+@pytest.mark.parametrize("pool,task", [("asyncsql", tasks_lifecycle.db_sleep),
+                                       ("prefork", tasks_lifecycle.sync_timed_sleep)])
+def test_warm_shutdown_finishes_and_acks_tasks_in_flight(worker_factory, pool, task):
+    conf = {"task_acks_late": True, "task_track_started": True}
+    with worker_factory(pool=pool, concurrency=2, include=INCLUDE, conf=conf) as worker:
+        children = worker.wait_for_children(2)
+        results = [worker.send(task, 6) for _ in range(2)]
+        ids = {result.id for result in results}
+        eventually(lambda: all(r.state == "STARTED" for r in results), what="both tasks started")
+        if pool == "asyncsql":
+            eventually(lambda: pg_connections(worker.app_name) == 2,
+                       what="both tasks holding a connection")
+        assert ids <= unacked_task_ids(), "acks_late: in flight means not acked yet"
+
+        sigterm_at = time.time()
+        assert worker.stop(signal.SIGTERM, timeout_s=60) == 0
+
+    values = [result.get(timeout=10) for result in results]
+    assert [result.state for result in results] == ["SUCCESS", "SUCCESS"]
+    assert sorted(value["child"] for value in values) == children
+    for value in values:
+        assert value["started"] < sigterm_at < value["finished"]
+        assert value["finished"] - value["started"] >= 6
+    assert not ids & unacked_task_ids(), "every task acked"
+    assert queued_messages(worker.queue) == 0, "nothing requeued"
+    if pool == "asyncsql":
+        eventually(lambda: pg_connections(worker.app_name) == 0, timeout_s=5,
+                   what="no connections left")
+        logs = worker.logs()
+        for child in children:
+            assert f"lifecycle-pool-close pid={child}" in logs, "engine disposed by its child"
+        assert_clean_log(worker)
+
+
+# --- row 22: children are forked -------------------------------------------------------------
+
+def test_children_are_forked_and_run_async_tasks(worker_factory):
+    assert app.conf.worker_pool_start_method == "fork"
+    with worker_factory(concurrency=2, include=INCLUDE) as worker:
+        children = worker.wait_for_children(2)
+        parent_cmdline = psutil.Process(worker.pid).cmdline()
+        for child in children:
+            # A spawned child would run `python -c "from billiard.spawn import ..."`.
+            assert psutil.Process(child).cmdline() == parent_cmdline
+        seen = [r.get(timeout=30) for r in [worker.send(tasks_lifecycle.fork_evidence)
+                                             for _ in range(8)]]
+        for item in seen:
+            # The task module was imported once, in the parent, before the fork.
+            assert item["import_pid"] == worker.pid
+            assert item["ppid"] == worker.pid
+            assert item["pid"] in children
+            assert item["thread"] == "asyncsql-loop"
+        assert worker.send(tasks.async_add, 20, 22).get(timeout=30) == 42
+
+
+# --- row 23: the user's own engine, built and used before fork ------------------------------
+
+def test_user_engine_built_before_fork_is_replaced_and_parent_connection_survives(
+        worker_factory, tmp_path):
+    probe_file = tmp_path / "parent-probe.json"
+    env = {"ITEST_PARENT_ENGINE": "1", "ITEST_PARENT_PROBE_FILE": str(probe_file)}
+    with worker_factory(concurrency=2, include=INCLUDE, env=env,
+                        args=("--max-tasks-per-child", "10")) as worker:
+        user_app = f"{worker.app_name}-user"
+        [(parent_backend, _)] = backends(user_app).items()
+
+        results = [worker.send(tasks_lifecycle.user_engine_probe) for _ in range(30)]
+        seen = [result.get(timeout=60) for result in results]
+        by_child = {}
+        for item in seen:
+            assert item["import_pid"] == worker.pid
+            assert item["child"] != worker.pid
+            assert item["parent_backend"] == parent_backend
+            assert item["parent_pool"] is not None
+            assert item["pool"] != item["parent_pool"], "the child got a fresh pool"
+            assert item["backend"] != parent_backend, "the child opened its own connection"
+            by_child.setdefault(item["child"], set()).add(item["backend"])
+        assert len(by_child) >= 3, "children were replaced along the way"
+        for child_backends in by_child.values():
+            assert len(child_backends) == 1, "one reused connection per child"
+
+        # The parent's connection is untouched by children starting, working and exiting.
+        eventually(lambda: not set(worker.children()) & {
+            child for child in by_child if Counter(i["child"] for i in seen)[child] == 10},
+            what="children that ran 10 tasks gone")
+        assert backends(user_app).get(parent_backend) == "idle"
+        assert_clean_log(worker)
+
+    # At shutdown, after every child is gone, the parent used its pooled connection again.
+    assert json.loads(probe_file.read_text()) == {
+        "backend_before": parent_backend, "backend_after": parent_backend}
+
+
+# --- row 1: app.Worker from a script, the filesystem transport, RabbitMQ -----------------------
+
+WORKER_SCRIPT = """\
+import sys
+sys.path.insert(0, {root!r})
+from tests.integration.app import app
+app.Worker(pool_cls="asyncsql", concurrency=2, queues=[{queue!r}], hostname={hostname!r},
+           loglevel="INFO", without_gossip=True, without_mingle=True,
+           without_heartbeat=True).start()
+"""
+
+
+def test_app_worker_from_a_script_starts_the_pool(tmp_path):
+    queue = f"itest-{uuid.uuid4().hex[:10]}"
+    hostname = f"{queue}@{socket.gethostname()}"
+    script = tmp_path / "run_worker.py"
+    script.write_text(WORKER_SCRIPT.format(root=str(ROOT), queue=queue, hostname=hostname))
+    log_path = tmp_path / f"{queue}.log"
+    env = {**os.environ, "ITEST_QUEUE": queue, "ITEST_APP_NAME": queue, "ITEST_INCLUDE": INCLUDE,
+           "ITEST_CONF": "{}", "PYTHONPATH": str(ROOT)}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    worker = Worker(proc, queue, queue, log_path)
+    try:
+        worker.wait_for_log(" ready.", timeout_s=60)
+        assert worker.hostname == hostname
+        assert worker.send(tasks.async_add, 2, 3).get(timeout=30) == 5
+        found = [r.get(timeout=30) for r in [worker.send(tasks.backend_pid) for _ in range(4)]]
+        assert {item["thread"] for item in found} == {"asyncsql-loop"}
+        assert {item["child"] for item in found} <= set(worker.wait_for_children(2))
+        stats = app.control.inspect(destination=[hostname], timeout=5).stats()
+        pool = stats[hostname]["pool"]
+        assert pool["implementation"] == "celery_asyncpool.pool:TaskPool"
+        assert pool["asyncsql"]["processes"] == 2
+        assert worker.stop(timeout_s=60) == 0
+    finally:
+        if proc.poll() is None:
+            worker.kill()
+    assert pg_connections(queue) == 0
+
+
+def test_filesystem_transport_blocking_pool_runs_async_tasks(worker_factory, tmp_path):
+    folder = tmp_path / "broker"
+    control = tmp_path / "control"
+    results = tmp_path / "results"
+    for path in (folder, control, results):
+        path.mkdir()
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
+               "control_folder": str(control)}
+    backend = f"file://{results}"
+    env = {"ITEST_BROKER": "filesystem://", "ITEST_BACKEND": backend}
+    client = Celery("itest-fs-client", broker="filesystem://", backend=backend)
+    client.conf.broker_transport_options = options
+    try:
+        with worker_factory(concurrency=2, include=INCLUDE, env=env,
+                            conf={"broker_transport_options": options}) as worker:
+            sent = [client.send_task(ASYNC_ADD, args=(i, i), queue=worker.queue)
+                    for i in range(6)]
+            assert [r.get(timeout=60) for r in sent] == [2 * i for i in range(6)]
+            found = [r.get(timeout=60) for r in [
+                client.send_task(BACKEND_PID, queue=worker.queue) for _ in range(4)]]
+            assert {item["thread"] for item in found} == {"asyncsql-loop"}
+            assert {item["child"] for item in found} <= set(worker.children())
+            stats = client.control.inspect(destination=[worker.hostname], timeout=10).stats()
+            pool = stats[worker.hostname]["pool"]
+            assert pool["implementation"] == "celery_asyncpool.pool:TaskPool"
+            # Only Celery's AsynPool keeps write statistics: this is billiard's BlockingPool.
+            assert pool["writes"] == "N/A"
+            assert sorted(pool["processes"]) == worker.children()
+            assert worker.stop(timeout_s=60) == 0
+        assert pg_connections(worker.app_name) == 0
+    finally:
+        client.close()
+
+
+def test_rabbitmq_broker_runs_async_tasks(worker_factory):
+    env = {"ITEST_BROKER": RABBITMQ_URL}
+    client = Celery("itest-amqp-client", broker=RABBITMQ_URL, backend=app.conf.result_backend)
+    queue = None
+    try:
+        with worker_factory(concurrency=2, include=INCLUDE, env=env) as worker:
+            queue = worker.queue
+            sent = [client.send_task(ASYNC_ADD, args=(i, 1), queue=queue) for i in range(6)]
+            assert [r.get(timeout=60) for r in sent] == [i + 1 for i in range(6)]
+            found = [r.get(timeout=60) for r in [
+                client.send_task(BACKEND_PID, queue=queue) for _ in range(4)]]
+            assert {item["thread"] for item in found} == {"asyncsql-loop"}
+            assert {item["child"] for item in found} <= set(worker.children())
+            stats = client.control.inspect(destination=[worker.hostname], timeout=5).stats()
+            pool = stats[worker.hostname]["pool"]
+            assert pool["implementation"] == "celery_asyncpool.pool:TaskPool"
+            assert pool["writes"] != "N/A", "the event-loop AsynPool, as prefork on amqp"
+            assert stats[worker.hostname]["broker"]["transport"] == "amqp"
+            assert worker.stop(timeout_s=60) == 0
+        assert pg_connections(worker.app_name) == 0
+    finally:
+        if queue is not None:
+            with client.connection_for_write() as conn:
+                conn.default_channel.queue_delete(queue)
+        client.close()
