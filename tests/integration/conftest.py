@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def services() -> None:
-    """Fail, naming the service, when PostgreSQL or Redis cannot be reached."""
+    """Fail, naming the service, when PostgreSQL, Redis or RabbitMQ cannot be reached."""
     try:
         psycopg.connect(PG_DSN, connect_timeout=5).close()
     except Exception as exc:
@@ -47,6 +47,23 @@ def services() -> None:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5).ping()
     except Exception as exc:
         pytest.fail(f"Redis at 127.0.0.1:6379 is unreachable: {exc}", pytrace=False)
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=5).close()
+    except OSError as exc:
+        pytest.fail(f"RabbitMQ at 127.0.0.1:5672 is unreachable: {exc}", pytrace=False)
+
+
+def eventually(check, timeout_s: float = 30.0, what: str = "condition",
+               interval_s: float = 0.1):
+    """Poll ``check()`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout_s}s (last: {value!r})")
+        time.sleep(interval_s)
 
 
 def pg_scalar(sql: str, *params: object) -> object:

@@ -22,7 +22,7 @@ from celery import Celery
 
 from . import tasks, tasks_lifecycle
 from .app import app
-from .conftest import PG_DSN, REDIS_URL, ROOT, Worker, pg_connections
+from .conftest import PG_DSN, REDIS_URL, ROOT, Worker, eventually, pg_connections
 
 INCLUDE = "tests.integration.tasks,tests.integration.tasks_lifecycle"
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -31,18 +31,6 @@ BACKEND_PID = "tests.integration.tasks.backend_pid"
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def eventually(check, timeout_s=30.0, interval_s=0.1, what="condition"):
-    """Poll ``check()`` until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s}s (last: {value!r})")
-        time.sleep(interval_s)
-
 
 def pg_rows(sql, *params):
     with psycopg.connect(PG_DSN, autocommit=True) as conn:

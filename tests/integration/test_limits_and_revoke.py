@@ -27,7 +27,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from . import tasks_limits as tl
 from .app import app
-from .conftest import pg_connections, pg_scalar
+from .conftest import eventually, pg_connections, pg_scalar
 
 INCLUDE = "tests.integration.tasks,tests.integration.tasks_limits"
 
@@ -53,19 +53,8 @@ def runs(tag: str) -> list[int]:
         return [int(pid) for pid in client.lrange(tl.runs_key(tag), 0, -1)]
 
 
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s}s: {what}")
-        time.sleep(interval_s)
-
-
 def wait_for_runs(tag: str, count: int = 1, timeout_s: float = 30) -> list[int]:
-    return wait_until(lambda: (found := runs(tag)) and len(found) >= count and found,
+    return eventually(lambda: (found := runs(tag)) and len(found) >= count and found,
                       timeout_s, f"{count} start(s) of the task tagged {tag}")
 
 
@@ -83,7 +72,7 @@ def stored_status(task_id: str) -> str:
 
 def wait_for_children_without(worker, gone: int, timeout_s: float = 30) -> list[int]:
     """Wait until the worker has 2 children again and ``gone`` is not one of them."""
-    return wait_until(lambda: (now := worker.children()) and len(now) == 2
+    return eventually(lambda: (now := worker.children()) and len(now) == 2
                       and gone not in now and now,
                       timeout_s, f"child {gone} replaced; children now {worker.children()}")
 
@@ -101,7 +90,7 @@ class StoredStates:
         self._pubsub = self._client.pubsub()
         channel = app.backend.get_key_for_task(task_id)
         self._pubsub.subscribe(channel)
-        wait_until(lambda: (m := self._pubsub.get_message(timeout=0.5)) and m["type"] == "subscribe",
+        eventually(lambda: (m := self._pubsub.get_message(timeout=0.5)) and m["type"] == "subscribe",
                    10, f"subscription to {channel!r}")
 
     def collect(self, for_s: float = 0.0) -> list[str]:
@@ -215,7 +204,7 @@ def test_soft_limit_mid_query_leaves_the_child_and_its_connections_usable(worker
         limited = worker.send(tl.async_session_sleep, tag, 4, soft_time_limit=1.5)
         sibling = worker.send(tl.async_session_pid, 2)
         limited_pid = wait_for_runs(tag)[0]
-        wait_until(lambda: active_pg_sleeps(worker) == 1, 1.5,
+        eventually(lambda: active_pg_sleeps(worker) == 1, 1.5,
                    "the pg_sleep query running before the soft limit", interval_s=0.05)
         with pytest.raises(SoftTimeLimitExceeded):
             limited.get(timeout=20)
@@ -223,7 +212,7 @@ def test_soft_limit_mid_query_leaves_the_child_and_its_connections_usable(worker
         assert sibling.get(timeout=20)["child"] != limited_pid
 
         # The server-side query goes away with the cancelled coroutine...
-        wait_until(lambda: active_pg_sleeps(worker) == 0, 3,
+        eventually(lambda: active_pg_sleeps(worker) == 0, 3,
                    "the cancelled pg_sleep query ended on the server")
 
         # ...and both children, the interrupted one included, query again,
@@ -284,7 +273,7 @@ def test_revoke_terminate_revokes_only_its_task_for_good(worker_factory, pool, t
                                              destination=[worker.hostname], reply=True,
                                              timeout=10)
                 assert replies, f"{sig}: the worker answered the revoke"
-                wait_until(lambda task_id=task_id: stored_status(task_id) == "REVOKED", 20,
+                eventually(lambda task_id=task_id: stored_status(task_id) == "REVOKED", 20,
                            f"{sig}: target REVOKED")
                 assert target.state == "REVOKED"
                 assert sibling.get(timeout=20) == sibling_pid, f"{sig}: sibling succeeded"
@@ -317,7 +306,7 @@ def test_task_revoked_before_it_starts_never_runs(worker_factory, pool, task):
         busy_a.get(timeout=20)
         busy_b.get(timeout=20)
         for task_id in (early_id, waiting_id):
-            wait_until(lambda task_id=task_id: stored_status(task_id) == "REVOKED", 20,
+            eventually(lambda task_id=task_id: stored_status(task_id) == "REVOKED", 20,
                        f"{task_id} REVOKED")
         # Later work runs, and still neither revoked task has.
         assert worker.send(task, new_tag(), 0).get(timeout=20)
