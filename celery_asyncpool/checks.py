@@ -16,18 +16,16 @@ def run_check(app: Any, processes: int, *, echo: Callable[[str], Any]) -> list[s
     """Print the resolved settings and budget, connect to each database; return the problems."""
     try:
         settings = Settings.from_conf(app.conf)
+        settings.require_processes(processes)
     except ConfigurationError as exc:
         return [str(exc)]
-    if settings.processes not in (None, processes):
-        return [f"Setting asyncsql_processes has value {settings.processes!r}; expected the "
-                f"worker's concurrency ({processes})."]
     sizing = Sizing(SLOTS_PER_CHILD, processes, settings.connection_cap)
     echo(f"processes: {processes}, task slots per process: {SLOTS_PER_CHILD}")
     if not settings.databases:
         return ["No database is configured: set asyncsql_database_url "
                 "(or asyncsql_databases) in the Celery config."]
     for database in settings.databases:
-        options = {k: v for k, v in engine_options(database, sizing).items()}
+        options = engine_options(database, sizing)
         per_child = connections_per_process(database, sizing)
         echo(f"database {database.name!r}: {database.masked_url}")
         echo(f"  engine options: {options!r}")
@@ -44,7 +42,7 @@ def _probe(settings: Settings, sizing: Sizing, echo: Callable[[str], Any]) -> li
         return [f"Building the engines failed: {exc}"]
     try:
         for database in settings.databases:
-            budget = connections_per_process(database, sizing) * (sizing.processes)
+            budget = connections_per_process(database, sizing) * sizing.processes
             problems += runtime.run(_probe_one(runtime, database.name, budget, echo))
     finally:
         runtime.stop(run_hooks=False)

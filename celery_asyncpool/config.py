@@ -123,6 +123,19 @@ class Settings:
             cancel_grace_s=float(values["asyncsql_cancel_grace_s"]),
         )
 
+    def require_processes(self, concurrency: int) -> None:
+        """Check ``asyncsql_processes`` against the worker's ``-c``.
+
+        Raises:
+            ConfigurationError: when it is set and differs: each child runs one
+                task at a time in this version, so ``-c`` is the number of children.
+        """
+        if self.processes not in (None, concurrency):
+            raise ConfigurationError(
+                f"Setting asyncsql_processes has value {self.processes!r}; expected the "
+                f"worker's concurrency ({concurrency}): each child runs one task at a time "
+                "in this version, so -c is the number of children.")
+
     def database(self, name: str) -> DatabaseSettings:
         """The settings of database ``name``.
 

@@ -18,7 +18,7 @@ from celery.concurrency.asynpool import AsynPool
 from .child import Runtime
 from .config import Settings
 from .database import Sizing, connections_per_process, dispose_inherited_engines, forget_inherited_loops
-from .errors import AsyncPoolError, ChildStartError, ConfigurationError
+from .errors import AsyncPoolError, ChildStartError
 from .task import install_bridges
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,7 @@ class TaskPool(prefork.TaskPool):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = Settings.from_conf(self.app.conf)
-        if self.settings.processes not in (None, self.limit):
-            raise ConfigurationError(
-                f"Setting asyncsql_processes has value {self.settings.processes!r}; expected "
-                f"the worker's concurrency ({self.limit}): each child runs one task at a time "
-                "in this version, so -c is the number of children.")
+        self.settings.require_processes(self.limit)
         self.sizing = Sizing(SLOTS_PER_CHILD, self.limit, self.settings.connection_cap)
 
     def on_start(self) -> None:

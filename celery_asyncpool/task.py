@@ -92,11 +92,11 @@ class AsyncTask(Task):  # type: ignore[misc]
 
 
 _eager_lock = threading.Lock()
-_eager: Runtime | None = None
+_eager: dict[Celery, Runtime] = {}
 
 
 def eager_runtime(app: Celery) -> Runtime:
-    """This process's helper loop for eager async bodies, started on first use.
+    """``app``'s helper loop for eager async bodies in this process, started on first use.
 
     It builds engines from ``app``'s settings (SQLAlchemy's own pool sizes),
     runs the ``on_child_start`` hooks, and is stopped at interpreter exit.
@@ -106,31 +106,30 @@ def eager_runtime(app: Celery) -> Runtime:
     """
     from .child import Runtime
 
-    global _eager
     with _eager_lock:
-        if _eager is None:
+        runtime = _eager.get(app)
+        if runtime is None:
             settings = Settings.from_conf(app.conf)
             runtime = Runtime(settings, Sizing(None, 1, settings.connection_cap),
                               name="asyncsql-eager")
             runtime.start()
             atexit.register(runtime.stop)
-            _eager = runtime
-        # Every call, not only the first: tasks registered since, or on another
-        # app, must see their own request on the helper loop too.
+            _eager[app] = runtime
+        # Every call, not only the first: tasks registered since must see
+        # their own request on the helper loop too.
         context.install(app)
-    if _eager.on_loop_thread():
+    if runtime.on_loop_thread():
         raise BridgeError(
             "An eager async task was applied from inside another eager async task: "
             "await the task's coroutine (call the task directly) instead of apply().")
-    return _eager
+    return runtime
 
 
-def _forget_eager_runtime() -> None:
-    global _eager
-    _eager = None
+def _forget_eager_runtimes() -> None:
+    _eager.clear()
 
 
-os.register_at_fork(after_in_child=_forget_eager_runtime)
+os.register_at_fork(after_in_child=_forget_eager_runtimes)
 
 
 def refuse_async_tasks(app: Celery, pool_name: str) -> None:
