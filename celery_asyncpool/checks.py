@@ -7,7 +7,7 @@ from typing import Any
 
 from .child import Runtime
 from .config import Settings
-from .database import Sizing, connections_per_process, engine_options
+from .database import Sizing, check_engine_options, connections_per_process, engine_options
 from .errors import ConfigurationError
 from .pool import SLOTS_PER_CHILD
 
@@ -20,6 +20,10 @@ def run_check(app: Any, processes: int, *, echo: Callable[[str], Any]) -> list[s
     except ConfigurationError as exc:
         return [str(exc)]
     sizing = Sizing(SLOTS_PER_CHILD, processes, settings.connection_cap)
+    try:
+        check_engine_options(settings, sizing)
+    except ConfigurationError as exc:
+        return [str(exc)]
     echo(f"processes: {processes}, task slots per process: {SLOTS_PER_CHILD}")
     if not settings.databases:
         return ["No database is configured: set asyncsql_database_url "

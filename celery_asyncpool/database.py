@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_DATABASE, DatabaseSettings, Settings
-from .errors import NoRuntimeError
+from .errors import ConfigurationError, NoRuntimeError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -53,6 +53,25 @@ def engine_options(database: DatabaseSettings, sizing: Sizing) -> dict[str, Any]
         options.setdefault("pool_size", max(1, min(sizing.slots, share)))
         options.setdefault("max_overflow", 0)
     return options
+
+
+def check_engine_options(settings: Settings, sizing: Sizing) -> None:
+    """Build each engine once, without connecting, so bad options fail at start-up.
+
+    Raises:
+        ConfigurationError: naming the database and what SQLAlchemy rejected.
+    """
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    for database in settings.databases:
+        options = engine_options(database, sizing)
+        try:
+            built = create_async_engine(database.url, **options)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"The engine options of database {database.name!r} ({options!r}) were "
+                f"rejected by create_async_engine: {type(exc).__name__}: {exc}") from None
+        built.sync_engine.dispose(close=False)
 
 
 def connections_per_process(database: DatabaseSettings, sizing: Sizing) -> int:

@@ -17,7 +17,13 @@ from celery.concurrency.asynpool import AsynPool
 
 from .child import Runtime
 from .config import Settings
-from .database import Sizing, connections_per_process, dispose_inherited_engines, forget_inherited_loops
+from .database import (
+    Sizing,
+    check_engine_options,
+    connections_per_process,
+    dispose_inherited_engines,
+    forget_inherited_loops,
+)
 from .errors import AsyncPoolError, ChildStartError
 from .task import install_bridges
 
@@ -88,6 +94,7 @@ class TaskPool(prefork.TaskPool):  # type: ignore[misc]
         self.settings = Settings.from_conf(self.app.conf)
         self.settings.require_processes(self.limit)
         self.sizing = Sizing(SLOTS_PER_CHILD, self.limit, self.settings.connection_cap)
+        check_engine_options(self.settings, self.sizing)
 
     def on_start(self) -> None:
         logger.info("asyncsql pool: %d processes, %d task slot(s) each; database "

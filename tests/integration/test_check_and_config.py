@@ -42,6 +42,7 @@ def test_check_fails_when_the_budget_exceeds_max_connections():
 
 @pytest.mark.parametrize("conf,message", [
     ({"asyncsql_proceses": 2}, "Did you mean 'asyncsql_processes'?"),
+    ({"asyncsql_engine_options": {"pool_sise": 3}}, "rejected by create_async_engine"),
     ({"asyncsql_processes": 3}, "Setting asyncsql_processes has value 3; expected the worker's "
                                 "concurrency (2)"),
     ({"asyncsql_database_url": "postgresql+psycopg2://u:pw@h/db"},

@@ -42,3 +42,17 @@ def test_sqlite_memory_database_keeps_its_static_pool():
 
 def test_eager_sizing_leaves_sqlalchemy_defaults():
     assert engine_options(db(), Sizing(None, 1, 80)) == {}
+
+
+def test_options_sqlalchemy_rejects_fail_naming_the_database():
+    import pytest
+
+    from celery_asyncpool.config import Settings
+    from celery_asyncpool.database import check_engine_options
+    from celery_asyncpool.errors import ConfigurationError
+
+    settings = Settings.from_conf({"asyncsql_database_url": PG,
+                                   "asyncsql_engine_options": {"pool_sise": 3}})
+    with pytest.raises(ConfigurationError, match=r"database 'default' .*rejected by "
+                                                 r"create_async_engine: TypeError.*pool_sise"):
+        check_engine_options(settings, Sizing(1, 2, 80))
