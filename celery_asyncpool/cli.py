@@ -8,8 +8,6 @@ SQLAlchemy: every ``celery`` invocation pays for it.
 from __future__ import annotations
 
 import os
-from typing import Any
-
 import click
 from celery.bin.base import CeleryCommand
 
@@ -43,7 +41,3 @@ def check(ctx: click.Context, concurrency: int | None) -> None:
             click.echo(f"error: {problem}", err=True)
         ctx.exit(1)
     click.echo("ok")
-
-
-def _main(**kwargs: Any) -> None:  # pragma: no cover - for `python -m`
-    asyncsql(**kwargs)

@@ -76,17 +76,14 @@ def check_engine_options(settings: Settings, sizing: Sizing) -> None:
 
 def connections_per_process(database: DatabaseSettings, sizing: Sizing) -> int:
     """Most connections one process's engine for ``database`` may open at once."""
-    from sqlalchemy.pool import NullPool, QueuePool
+    from sqlalchemy.pool import NullPool
 
     options = engine_options(database, sizing)
     pool_class = _pool_class(database)
-    slots = sizing.slots or 1
-    if pool_class is not None and issubclass(pool_class, QueuePool):
+    if _is_queue_pool(pool_class):
         return int(options.get("pool_size", 5)) + max(0, int(options.get("max_overflow", 10)))
-    if pool_class is not None and issubclass(pool_class, NullPool):
-        return slots
-    if pool_class is None:
-        return slots
+    if pool_class is None or issubclass(pool_class, NullPool):
+        return sizing.slots or 1  # one connection per task running at once
     return 1
 
 

@@ -138,12 +138,12 @@ def refuse_async_tasks(app: Celery, pool_name: str) -> None:
     Without this, another pool would store a coroutine or fail it with an
     ``EncodeError`` whose message does not say what to do.
     """
-    names = list(async_tasks(app))
-    if not names:
+    found = async_tasks(app)
+    if not found:
         return
     logger.error("Tasks %s are async def, which the %r pool cannot run: start the worker "
-                 "with -P asyncsql.", ", ".join(names), pool_name)
-    for task, attribute in async_tasks(app).values():
+                 "with -P asyncsql.", ", ".join(found), pool_name)
+    for task, attribute in found.values():
         setattr(task, attribute, _refusal(getattr(task, attribute), task.name, pool_name))
 
 
@@ -159,6 +159,9 @@ def _refusal(body: Callable[..., Any], name: str, pool_name: str) -> Callable[..
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     from .pool import TaskPool
 
+    # In a worker no task returns a coroutine (asyncsql bridges them, other pools
+    # refuse them), so keep the eager-mode check off every task's path there.
+    signals.task_postrun.disconnect(_on_task_postrun)
     pool_cls = getattr(sender, "pool_cls", None)
     if isinstance(pool_cls, type) and not issubclass(pool_cls, TaskPool):
         refuse_async_tasks(sender.app, pool_cls.__module__.rsplit(".", 1)[-1])

@@ -10,12 +10,17 @@ from pathlib import Path
 
 
 @contextmanager
-def asyncsql_worker(folder: Path, app_module: str, log_path: Path,
+def asyncsql_worker(folder: Path, app_module: str, var: Path,
                     concurrency: int = 2) -> Iterator[subprocess.Popen]:
-    """``celery -A app_module worker -P asyncsql`` run in ``folder``; warm shutdown on exit."""
+    """``celery -A app_module worker -P asyncsql`` run in ``folder``; warm shutdown on exit.
+
+    ``var`` gets the filesystem broker's and result backend's folders and the worker's log.
+    """
+    for name in ("broker", "control", "results"):
+        (var / name).mkdir(parents=True, exist_ok=True)
+    log_path = var / "worker.log"
     command = [sys.executable, "-m", "celery", "-A", app_module, "worker", "-P", "asyncsql",
                "-c", str(concurrency), "-l", "info", "--without-gossip", "--without-mingle"]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         worker = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -36,10 +36,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--users", type=int, default=5)
     options = parser.parse_args()
-    for folder in ("broker", "control", "results"):
-        (VAR / folder).mkdir(parents=True, exist_ok=True)
+    VAR.mkdir(parents=True, exist_ok=True)  # the SQLite default lives there
     asyncio.run(seed(options.users))
-    with asyncsql_worker(HERE, "tasks", VAR / "worker.log"):
+    with asyncsql_worker(HERE, "tasks", VAR):
         results = [activate.delay(i, fail_first_attempt=(i == 1))
                    for i in range(1, options.users + 1)]
         for result in results:

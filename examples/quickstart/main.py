@@ -18,10 +18,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=10)
     options = parser.parse_args()
-    for folder in ("broker", "control", "results"):
-        (VAR / folder).mkdir(parents=True, exist_ok=True)
     print(f"broker: {app.conf.broker_url}  database: {app.conf.asyncsql_database_url}")
-    with asyncsql_worker(HERE, "tasks", VAR / "worker.log"):
+    with asyncsql_worker(HERE, "tasks", VAR):
         results = [record_visit.delay(f"user-{i % 3}") for i in range(options.tasks)]
         for result in results:
             print(result.get(timeout=60))
