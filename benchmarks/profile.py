@@ -1,0 +1,93 @@
+"""Profile the per-task path of ``-P asyncsql`` with py-spy while it runs the ``tiny`` workload.
+
+Writes the collapsed stacks (``profile-asyncsql-tiny.txt``, loadable in
+speedscope) and a summary of where the children's time goes
+(``profile-asyncsql-tiny.md``): the frames with the largest inclusive and
+self share of samples, per thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from .scenarios import Scenario
+from .worker import running_worker
+
+TOP = 30
+
+
+def record(scenario: Scenario, tasks: int, out: Path) -> None:
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        raise SystemExit("py-spy is not installed: pip install -e '.[bench]'")
+    out.mkdir(parents=True, exist_ok=True)
+    stacks = out / "profile-asyncsql-tiny.txt"
+    with running_worker(scenario, 0, out / "logs") as worker:
+        worker.warm_up("tiny")
+        spy = subprocess.Popen([py_spy, "record", "--pid", str(worker.process.pid),
+                                "--subprocesses", "--threads", "--rate", "200", "--format", "raw",
+                                "--output", str(stacks)], stdout=subprocess.DEVNULL)
+        try:
+            worker.warm_up("noop")  # gives py-spy time to attach before the batch
+            batch = worker.run_batch("tiny", tasks, 0, timeout_s=60 + tasks / 5)
+        finally:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+    children = _pids(stacks.read_text()) - {worker.process.pid}
+    summary = summarize(stacks.read_text(), children)
+    (out / "profile-asyncsql-tiny.md").write_text(
+        f"# Profile: -P asyncsql -c {scenario.concurrency}, tiny, {tasks} tasks at "
+        f"{batch.throughput:.0f} tasks/s\n\n{summary}")
+    print(summary)
+
+
+def _pids(collapsed: str) -> set[int]:
+    return {int(pid) for pid in re.findall(r"^process (\d+):", collapsed, re.M)}
+
+
+def summarize(collapsed: str, pids: set[int]) -> str:
+    """Inclusive and self sample shares per thread of the processes ``pids``."""
+    inclusive: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    own: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    totals: collections.Counter[str] = collections.Counter()
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        frames = stack.split(";")
+        # With --subprocesses a child's stack starts with its ancestors' "process" frames.
+        depth = 0
+        while depth < len(frames) and frames[depth].startswith("process "):
+            depth += 1
+        if depth == 0 or len(frames) < depth + 2:
+            continue
+        if int(frames[depth - 1].split()[1].rstrip(":").split(":")[0]) not in pids:
+            continue
+        thread = _thread_name(frames[depth])
+        count = int(count_text)
+        totals[thread] += count
+        for frame in set(frames[depth + 1:]):
+            inclusive[thread][_short(frame)] += count
+        own[thread][_short(frames[-1])] += count
+    sections = []
+    for thread, total in totals.most_common():
+        sections.append(f"## Thread {thread}: {total} samples\n")
+        for title, counter in (("inclusive", inclusive[thread]), ("self", own[thread])):
+            sections.append(f"| {title} % | frame |\n|---:|---|")
+            sections += [f"| {100 * n / total:.1f} | `{frame}` |"
+                         for frame, n in counter.most_common(TOP)]
+            sections.append("")
+    return "\n".join(sections) + "\n"
+
+
+def _thread_name(frame: str) -> str:
+    # "thread (21755): MainThread" -> "MainThread"
+    return frame.rpartition(": ")[2] or frame
+
+
+def _short(frame: str) -> str:
+    # "fast_trace_task (celery/app/trace.py:651)" -> "fast_trace_task (celery/app/trace.py)"
+    return re.sub(r":\d+\)$", ")", re.sub(r"\(/.*?/site-packages/", "(", frame))

@@ -1,0 +1,35 @@
+"""The benchmark runs end to end with tiny batches: every scenario, every output, no failures."""
+
+import json
+import os
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+
+def test_benchmark_runs_every_scenario_and_writes_its_report(tmp_path):
+    env = {**os.environ,
+           "BENCH_DATABASE": "postgres@127.0.0.1:5432/asyncsql_bench_smoke",
+           "BENCH_BROKER": "redis://127.0.0.1:6379/9",
+           "BENCH_BACKEND": "redis://127.0.0.1:6379/10"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tasks", "12", "--rounds", "1", "--out",
+         str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    report = json.loads((tmp_path / "results.json").read_text())
+    measured = {(row["scenario"], row["workload"]) for row in report["rows"]}
+    expected = {(s["name"], w) for s in report["scenarios"] for w in s["workloads"]}
+    assert measured == expected and len(report["scenarios"]) == 6
+    for row in report["rows"]:
+        assert row["failures"] == 0, row
+        assert row["throughput"] > 0 and row["cpu_ms_per_task"] > 0, row
+        assert row["ratio_to_baseline"] is not None, row
+    asyncsql = [r for r in report["rows"]
+                if r["scenario"] == "asyncsql" and r["workload"] != "noop"]
+    # One task per child: each child's pool holds exactly one connection.
+    assert {r["peak_connections"] for r in asyncsql} == {2}
+    assert {t["scenario"] for t in report["targets"]} == {"asyncsql"}
+    assert "| tiny | asyncsql |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "throughput.png").read_bytes().startswith(b"\x89PNG")
