@@ -2,7 +2,7 @@
 
 Each child runs one task at a time under billiard's own work loop, on its main
 thread where signals arrive (soft time limit, terminate); async bodies run on
-the child's persistent loop, on a second thread (``child.Runtime``).
+the child's persistent loop, driven by that same thread (``child.Runtime``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def child_initializer(app: Any, hostname: str, processes: int) -> None:
     dispose_inherited_engines()
     forget_inherited_loops()
     settings = Settings.from_conf(app.conf)
-    _runtime = Runtime(settings, Sizing(SLOTS_PER_CHILD, processes, settings.connection_cap))
+    _runtime = Runtime(settings, Sizing(SLOTS_PER_CHILD, processes, settings.connection_cap),
+                       own_thread=False)
     _runtime.start_loop()
     prefork.process_initializer(app, hostname)
     install_bridges(app, _runtime, hostname)

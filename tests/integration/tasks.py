@@ -30,8 +30,9 @@ def sync_add(x, y):
 
 @app.task
 def sync_where():
-    """Where a sync task runs: it must not be the loop's thread."""
-    return {"pid": os.getpid(), "thread": threading.current_thread().name}
+    """Where a sync task runs: on the child's main thread, with no event loop running."""
+    return {"pid": os.getpid(), "thread": threading.current_thread().name,
+            "loop_running": asyncio.events._get_running_loop() is not None}
 
 
 @app.task

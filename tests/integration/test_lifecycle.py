@@ -215,7 +215,7 @@ def test_children_are_forked_and_run_async_tasks(worker_factory):
             assert item["import_pid"] == worker.pid
             assert item["ppid"] == worker.pid
             assert item["pid"] in children
-            assert item["thread"] == "asyncsql-loop"
+            assert item["thread"] == "MainThread"
         assert worker.send(tasks.async_add, 20, 22).get(timeout=30) == 42
 
 
@@ -286,7 +286,7 @@ def test_app_worker_from_a_script_starts_the_pool(tmp_path):
         assert worker.hostname == hostname
         assert worker.send(tasks.async_add, 2, 3).get(timeout=30) == 5
         found = [r.get(timeout=30) for r in [worker.send(tasks.backend_pid) for _ in range(4)]]
-        assert {item["thread"] for item in found} == {"asyncsql-loop"}
+        assert {item["thread"] for item in found} == {"MainThread"}
         assert {item["child"] for item in found} <= set(worker.wait_for_children(2))
         stats = app.control.inspect(destination=[hostname], timeout=5).stats()
         pool = stats[hostname]["pool"]
@@ -319,7 +319,7 @@ def test_filesystem_transport_blocking_pool_runs_async_tasks(worker_factory, tmp
             assert [r.get(timeout=60) for r in sent] == [2 * i for i in range(6)]
             found = [r.get(timeout=60) for r in [
                 client.send_task(BACKEND_PID, queue=worker.queue) for _ in range(4)]]
-            assert {item["thread"] for item in found} == {"asyncsql-loop"}
+            assert {item["thread"] for item in found} == {"MainThread"}
             assert {item["child"] for item in found} <= set(worker.children())
             stats = client.control.inspect(destination=[worker.hostname], timeout=10).stats()
             pool = stats[worker.hostname]["pool"]
@@ -344,7 +344,7 @@ def test_rabbitmq_broker_runs_async_tasks(worker_factory):
             assert [r.get(timeout=60) for r in sent] == [i + 1 for i in range(6)]
             found = [r.get(timeout=60) for r in [
                 client.send_task(BACKEND_PID, queue=queue) for _ in range(4)]]
-            assert {item["thread"] for item in found} == {"asyncsql-loop"}
+            assert {item["thread"] for item in found} == {"MainThread"}
             assert {item["child"] for item in found} <= set(worker.children())
             stats = client.control.inspect(destination=[worker.hostname], timeout=5).stats()
             pool = stats[worker.hostname]["pool"]

@@ -1,6 +1,11 @@
-"""The child runtime without Celery's worker: one loop, the bridge, cancellation."""
+"""The child runtime without Celery's worker: one loop, the bridge, cancellation.
+
+Each test runs against both ways of driving the loop: on a thread of its own
+(eager mode) and on the calling main thread (a worker child).
+"""
 
 import asyncio
+import os
 import signal
 import threading
 
@@ -17,16 +22,34 @@ from celery_asyncpool.database import Sizing
 from celery_asyncpool.errors import TaskCancelledError
 
 
-@pytest.fixture
-def runtime(tmp_path):
+def _running(tmp_path, own_thread):
     settings = Settings.from_conf({
         "asyncsql_database_url": f"sqlite+aiosqlite:///{tmp_path}/unit.db",
         "asyncsql_cancel_grace_s": 2,
     })
-    runtime = Runtime(settings, Sizing(1, 1, 80))
+    soft_limit_handler = signal.getsignal(signal.SIGUSR1)
+    runtime = Runtime(settings, Sizing(1, 1, 80), own_thread=own_thread)
     runtime.start()
     yield runtime
     runtime.stop()
+    signal.signal(signal.SIGUSR1, soft_limit_handler)
+
+
+@pytest.fixture(params=["own thread", "caller's thread"])
+def runtime(request, tmp_path):
+    yield from _running(tmp_path, own_thread=request.param == "own thread")
+
+
+@pytest.fixture
+def threaded_runtime(tmp_path):
+    """Eager mode's runtime: the loop on a thread of its own."""
+    yield from _running(tmp_path, own_thread=True)
+
+
+@pytest.fixture
+def child_runtime(tmp_path):
+    """A worker child's runtime: the loop driven by the main thread."""
+    yield from _running(tmp_path, own_thread=False)
 
 
 def test_coroutines_share_one_loop_on_its_own_thread(runtime):
@@ -34,7 +57,8 @@ def test_coroutines_share_one_loop_on_its_own_thread(runtime):
         return asyncio.get_running_loop(), threading.current_thread().name
 
     first, second = runtime.run(where()), runtime.run(where())
-    assert first == second == (runtime.loop, "asyncsql-loop")
+    thread = "asyncsql-loop" if runtime._thread is not None else "MainThread"
+    assert first == second == (runtime.loop, thread)
 
 
 def test_session_and_engine_work_on_the_runtime_loop(runtime):
@@ -108,7 +132,9 @@ def test_soft_limit_cancels_the_coroutine_at_its_await(runtime):
     assert unwound == [True]
 
 
-def test_a_coroutine_may_handle_the_soft_limit(runtime):
+def test_a_coroutine_may_handle_the_soft_limit(threaded_runtime):
+    runtime = threaded_runtime
+
     async def careful():
         try:
             await asyncio.sleep(30)
@@ -126,7 +152,7 @@ def test_a_coroutine_may_handle_the_soft_limit(runtime):
 def test_request_identity_follows_the_caller_onto_the_loop(runtime):
     app = Celery("unit", set_as_current=False)
 
-    @app.task(bind=True)
+    @app.task(bind=True, name=f"probe-{id(runtime)}")
     def probe(self):
         async def inside():
             before = self.request.id
@@ -138,9 +164,10 @@ def test_request_identity_follows_the_caller_onto_the_loop(runtime):
     assert probe.apply(task_id="abc-123").get() == ("abc-123",) * 3
 
 
-def test_stop_disposes_engines_and_closes_the_loop(tmp_path):
+@pytest.mark.parametrize("own_thread", [True, False])
+def test_stop_disposes_engines_and_closes_the_loop(tmp_path, own_thread):
     settings = Settings.from_conf({"asyncsql_database_url": f"sqlite+aiosqlite:///{tmp_path}/x.db"})
-    runtime = Runtime(settings, Sizing(1, 1, 80))
+    runtime = Runtime(settings, Sizing(1, 1, 80), own_thread=own_thread)
     runtime.start()
 
     async def use():
@@ -153,3 +180,65 @@ def test_stop_disposes_engines_and_closes_the_loop(tmp_path):
     runtime.stop()
     assert runtime.loop.is_closed()
     assert built.pool.checkedin() == 0
+
+
+def _signal_self_in(seconds, signum=signal.SIGUSR1):
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signum))
+    timer.start()
+    return timer
+
+
+def test_billiards_soft_limit_signal_cancels_the_coroutine_and_keeps_the_loop(child_runtime):
+    signal.signal(signal.SIGUSR1, lambda *_: pytest.fail("billiard's handler ran"))
+    unwound = []
+
+    async def slow():
+        try:
+            await asyncio.sleep(30)
+        finally:
+            unwound.append(True)
+
+    async def careful():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError as exc:
+            return f"handled: {exc.args[0]}"
+
+    _signal_self_in(0.2)
+    with pytest.raises(SoftTimeLimitExceeded):
+        child_runtime.run(slow())
+    assert unwound == [True]
+    _signal_self_in(0.2)
+    assert child_runtime.run(careful()) == "handled: celery_asyncpool: soft time limit exceeded"
+    assert child_runtime.run(asyncio.sleep(0, "still usable")) == "still usable"
+
+
+def test_soft_limit_signal_outside_a_coroutine_raises_as_billiard_does(child_runtime):
+    child_runtime.run(asyncio.sleep(0))  # takes over the signal, as the first task does
+    _signal_self_in(0.1)
+    with pytest.raises(SoftTimeLimitExceeded):
+        threading.Event().wait(5)  # a sync task's body
+
+
+def test_terminate_mid_coroutine_unwinds_it_and_leaves_the_loop_closable(child_runtime):
+    def terminate(signum, frame):
+        raise SystemExit(-15)
+
+    previous = signal.signal(signal.SIGALRM, terminate)
+    unwound = []
+
+    async def slow():
+        try:
+            await asyncio.sleep(30)
+        finally:
+            unwound.append(True)
+
+    signal.setitimer(signal.ITIMER_REAL, 0.2)
+    try:
+        with pytest.raises(SystemExit):
+            child_runtime.run(slow())
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert unwound == [True]
+    child_runtime.stop()
+    assert child_runtime.loop.is_closed()
