@@ -19,6 +19,7 @@ from .scenarios import Scenario
 from .worker import running_worker
 
 TOP = 30
+WORK_LOOP = "Worker.workloop (billiard/"
 
 
 def record(scenario: Scenario, tasks: int, out: Path) -> None:
@@ -47,11 +48,15 @@ def record(scenario: Scenario, tasks: int, out: Path) -> None:
 
 
 def _pids(collapsed: str) -> set[int]:
-    return {int(pid) for pid in re.findall(r"^process (\d+):", collapsed, re.M)}
+    return {int(pid) for pid in re.findall(r"(?:^|;)process (\d+):", collapsed, re.M)}
 
 
 def summarize(collapsed: str, pids: set[int]) -> str:
-    """Inclusive and self sample shares per thread of the processes ``pids``."""
+    """Inclusive and self sample shares per thread of the processes ``pids``.
+
+    Inclusive shares count the frames below billiard's work loop, where the
+    per-task path starts.
+    """
     inclusive: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     own: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     totals: collections.Counter[str] = collections.Counter()
@@ -69,7 +74,13 @@ def summarize(collapsed: str, pids: set[int]) -> str:
         thread = _thread_name(frames[depth])
         count = int(count_text)
         totals[thread] += count
-        for frame in set(frames[depth + 1:]):
+        frames = frames[depth + 1:]
+        # Only the per-task path: what sits below billiard's work loop.
+        for start, frame in enumerate(frames):
+            if frame.startswith(WORK_LOOP):
+                frames = frames[start + 1:] or [frame]
+                break
+        for frame in set(frames):
             inclusive[thread][_short(frame)] += count
         own[thread][_short(frames[-1])] += count
     sections = []

@@ -83,7 +83,7 @@ class Runtime:
                         if own_thread else None)
         self._current: asyncio.Task[Any] | None = None
         self._soft_limit_hit = False
-        self._soft_limit_handler = self._on_soft_limit  # one bound method, compared by identity
+        self._soft_limits_taken = False
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -109,7 +109,7 @@ class Runtime:
         Raises:
             ChildStartError: a hook failed or timed out.
         """
-        self.run(self._open(run_hooks))
+        self._run(self._open(run_hooks))
 
     async def _open(self, run_hooks: bool) -> None:
         self.databases = Databases(self.settings, self.sizing)
@@ -125,7 +125,7 @@ class Runtime:
         if self.loop.is_closed() or (self._thread is not None and not self._thread.is_alive()):
             return
         try:
-            self.run(self._close(run_hooks))
+            self._run(self._close(run_hooks))
         except BaseException:
             logger.exception("Closing the asyncsql runtime failed")
         finally:
@@ -162,6 +162,11 @@ class Runtime:
             BridgeError: when called on the loop's own thread (``await`` instead).
             TaskCancelledError: the coroutine was cancelled by something else.
         """
+        if self._thread is None and not self._soft_limits_taken:
+            self._take_soft_limits()
+        return self._run(coro)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self.on_loop_thread():
             coro.close()
             raise BridgeError(
@@ -206,7 +211,6 @@ class Runtime:
 
     def _run_here(self, coro: Coroutine[Any, Any, T]) -> T:
         """Drive the loop on this thread until ``coro`` is done."""
-        self._handle_soft_limits()
         task = self.loop.create_task(coro, context=caller_context())
         self._current, self._soft_limit_hit = task, False
         try:
@@ -223,17 +227,18 @@ class Runtime:
         finally:
             self._current = None
 
-    def _handle_soft_limits(self) -> None:
-        """Take over billiard's soft time limit signal, which it sets after our initializer.
+    def _take_soft_limits(self) -> None:
+        """Take over billiard's soft time limit signal, from the first task on.
 
-        Raising ``SoftTimeLimitExceeded`` anywhere in the loop's own code, as
-        billiard's handler does, could leave the loop half way through a step.
+        Billiard sets its handler after our initializer has run (``open``),
+        and never again; raising ``SoftTimeLimitExceeded`` anywhere in the
+        loop's own code, as that handler does, could leave the loop half way
+        through a step.
         """
-        if (_SOFT_LIMIT_SIGNAL is None
-                or signal.getsignal(_SOFT_LIMIT_SIGNAL) is self._soft_limit_handler
-                or threading.current_thread() is not threading.main_thread()):
-            return
-        signal.signal(_SOFT_LIMIT_SIGNAL, self._soft_limit_handler)
+        self._soft_limits_taken = True
+        if (_SOFT_LIMIT_SIGNAL is not None
+                and threading.current_thread() is threading.main_thread()):
+            signal.signal(_SOFT_LIMIT_SIGNAL, self._on_soft_limit)
 
     def _on_soft_limit(self, signum: int, frame: Any) -> None:
         """Cancel the running coroutine; outside one, raise as billiard would (sync tasks)."""
