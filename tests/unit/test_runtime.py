@@ -106,6 +106,20 @@ def test_a_cancellation_the_pool_did_not_ask_for_is_a_task_error(runtime):
         runtime.run(cancelled())
 
 
+async def _slow(unwound):
+    try:
+        await asyncio.sleep(30)
+    finally:
+        unwound.append(True)
+
+
+async def _careful():
+    try:
+        await asyncio.sleep(30)
+    except asyncio.CancelledError as exc:
+        return f"cleaned up after: {exc.args[0]}"
+
+
 def _soft_limit_in(seconds):
     def handler(signum, frame):
         raise SoftTimeLimitExceeded()
@@ -117,16 +131,10 @@ def _soft_limit_in(seconds):
 def test_soft_limit_cancels_the_coroutine_at_its_await(runtime):
     unwound = []
 
-    async def slow():
-        try:
-            await asyncio.sleep(30)
-        finally:
-            unwound.append(True)
-
     previous = _soft_limit_in(0.2)
     try:
         with pytest.raises(SoftTimeLimitExceeded):
-            runtime.run(slow())
+            runtime.run(_slow(unwound))
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert unwound == [True]
@@ -135,15 +143,9 @@ def test_soft_limit_cancels_the_coroutine_at_its_await(runtime):
 def test_a_coroutine_may_handle_the_soft_limit(threaded_runtime):
     runtime = threaded_runtime
 
-    async def careful():
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError as exc:
-            return f"cleaned up after: {exc.args[0]}"
-
     previous = _soft_limit_in(0.2)
     try:
-        outcome = runtime.run(careful())
+        outcome = runtime.run(_careful())
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert outcome == "cleaned up after: celery_asyncpool: soft time limit exceeded"
@@ -192,24 +194,12 @@ def test_billiards_soft_limit_signal_cancels_the_coroutine_and_keeps_the_loop(ch
     signal.signal(signal.SIGUSR1, lambda *_: pytest.fail("billiard's handler ran"))
     unwound = []
 
-    async def slow():
-        try:
-            await asyncio.sleep(30)
-        finally:
-            unwound.append(True)
-
-    async def careful():
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError as exc:
-            return f"handled: {exc.args[0]}"
-
     _signal_self_in(0.2)
     with pytest.raises(SoftTimeLimitExceeded):
-        child_runtime.run(slow())
+        child_runtime.run(_slow(unwound))
     assert unwound == [True]
     _signal_self_in(0.2)
-    assert child_runtime.run(careful()) == "handled: celery_asyncpool: soft time limit exceeded"
+    assert child_runtime.run(_careful()) == "cleaned up after: celery_asyncpool: soft time limit exceeded"
     assert child_runtime.run(asyncio.sleep(0, "still usable")) == "still usable"
 
 
@@ -227,16 +217,10 @@ def test_terminate_mid_coroutine_unwinds_it_and_leaves_the_loop_closable(child_r
     previous = signal.signal(signal.SIGALRM, terminate)
     unwound = []
 
-    async def slow():
-        try:
-            await asyncio.sleep(30)
-        finally:
-            unwound.append(True)
-
     signal.setitimer(signal.ITIMER_REAL, 0.2)
     try:
         with pytest.raises(SystemExit):
-            child_runtime.run(slow())
+            child_runtime.run(_slow(unwound))
     finally:
         signal.signal(signal.SIGALRM, previous)
     assert unwound == [True]
