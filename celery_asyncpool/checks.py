@@ -9,22 +9,21 @@ from .child import Runtime
 from .config import Settings
 from .database import Sizing, check_engine_options, connections_per_process, engine_options
 from .errors import ConfigurationError
-from .pool import SLOTS_PER_CHILD
 
 
-def run_check(app: Any, processes: int, *, echo: Callable[[str], Any]) -> list[str]:
+def run_check(app: Any, slots: int, *, echo: Callable[[str], Any]) -> list[str]:
     """Print the resolved settings and budget, connect to each database; return the problems."""
     try:
         settings = Settings.from_conf(app.conf)
-        settings.require_processes(processes)
     except ConfigurationError as exc:
         return [str(exc)]
-    sizing = Sizing(SLOTS_PER_CHILD, processes, settings.connection_cap)
+    processes, slots_per_child = settings.layout(slots)
+    sizing = Sizing(slots_per_child, processes, settings.connection_cap)
     try:
         check_engine_options(settings, sizing)
     except ConfigurationError as exc:
         return [str(exc)]
-    echo(f"processes: {processes}, task slots per process: {SLOTS_PER_CHILD}")
+    echo(f"processes: {processes}, task slots per process: {slots_per_child}")
     if not settings.databases:
         return ["No database is configured: set asyncsql_database_url "
                 "(or asyncsql_databases) in the Celery config."]

@@ -1,14 +1,15 @@
 """The per-process runtime: one event loop for the life of the process, and the bridge to it.
 
 Invariants: the loop is created before any user code in the process can bind
-to it and is never replaced; coroutines reach it only through ``Runtime.run``;
+to it and is never replaced; coroutines reach it only through ``Runtime.run``
+(or, in a slot-aware child, through the job server that drives it: ``jobs``);
 it is stopped once, by ``Runtime.stop``, after its engines are disposed on it.
 
-A worker child drives its loop from the thread that runs the task (its main
-thread), so a task costs no hop between threads: measured on 2 vCPUs, a
-round trip to a loop on another thread cost about 150 us of CPU, 7% of a
-no-op task. Eager mode keeps the loop on a thread of its own, because its
-caller may already be running another loop.
+A worker child drives its loop from its main thread (``jobs`` serves the
+parent's jobs there), so an async task costs no hop between threads: measured
+on 2 vCPUs, a round trip to a loop on another thread cost about 150 us of
+CPU, 7% of a no-op task. Eager mode keeps the loop on a thread of its own,
+because its caller may already be running another loop.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import signal
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SOFT_LIMIT_MESSAGE = "celery_asyncpool: soft time limit exceeded"
-_SOFT_LIMIT_SIGNAL = getattr(signal, "SIGUSR1", None)  # billiard's SIG_SOFT_TIMEOUT
 
 
 class _Job:
@@ -68,9 +67,9 @@ class Runtime:
 
     With ``own_thread`` (eager mode) the loop runs forever on a thread of its
     own and ``run`` blocks until the coroutine is done there. Without it (a
-    worker child) ``run`` drives the loop on the calling thread, which must be
-    the process's main thread: billiard's soft time limit signal arrives there
-    and cancels the running coroutine (see ``_on_soft_limit``).
+    worker child) ``run`` drives the loop on the calling thread while nothing
+    else does (start-up, shutdown); while the job server drives it, ``run``
+    from another thread (a sync task) hands the coroutine over and waits.
     """
 
     def __init__(self, settings: Settings, sizing: Sizing, *, name: str = "asyncsql-loop",
@@ -81,9 +80,6 @@ class Runtime:
         self.databases: Databases | None = None
         self._thread = (threading.Thread(target=self._serve, name=name, daemon=True)
                         if own_thread else None)
-        self._current: asyncio.Task[Any] | None = None
-        self._soft_limit_hit = False
-        self._soft_limits_taken = False
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -109,7 +105,7 @@ class Runtime:
         Raises:
             ChildStartError: a hook failed or timed out.
         """
-        self._run(self._open(run_hooks))
+        self.run(self._open(run_hooks))
 
     async def _open(self, run_hooks: bool) -> None:
         self.databases = Databases(self.settings, self.sizing)
@@ -125,7 +121,7 @@ class Runtime:
         if self.loop.is_closed() or (self._thread is not None and not self._thread.is_alive()):
             return
         try:
-            self._run(self._close(run_hooks))
+            self.run(self._close(run_hooks))
         except BaseException:
             logger.exception("Closing the asyncsql runtime failed")
         finally:
@@ -162,17 +158,12 @@ class Runtime:
             BridgeError: when called on the loop's own thread (``await`` instead).
             TaskCancelledError: the coroutine was cancelled by something else.
         """
-        if self._thread is None and not self._soft_limits_taken:
-            self._take_soft_limits()
-        return self._run(coro)
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self.on_loop_thread():
             coro.close()
             raise BridgeError(
                 "A coroutine task body cannot be run to completion on the asyncsql "
                 "event loop it would need: await the coroutine instead.")
-        if self._thread is None:
+        if self._thread is None and not self.loop.is_running():
             return self._run_here(coro)
         job = _Job(coro, self.loop)
         self.loop.call_soon_threadsafe(job.start, context=caller_context())
@@ -212,42 +203,15 @@ class Runtime:
     def _run_here(self, coro: Coroutine[Any, Any, T]) -> T:
         """Drive the loop on this thread until ``coro`` is done."""
         task = self.loop.create_task(coro, context=caller_context())
-        self._current, self._soft_limit_hit = task, False
         try:
             return self.loop.run_until_complete(task)
         except asyncio.CancelledError as error:
-            if self._soft_limit_hit:
-                raise SoftTimeLimitExceeded() from None
             raise TaskCancelledError(
                 f"The coroutine was cancelled by something other than the pool: {error}"
             ) from error
         except BaseException as interrupt:  # SystemExit on terminate, from a signal handler
             self._unwind(task, interrupt)
             raise
-        finally:
-            self._current = None
-
-    def _take_soft_limits(self) -> None:
-        """Take over billiard's soft time limit signal, from the first task on.
-
-        Billiard sets its handler after our initializer has run (``open``),
-        and never again; raising ``SoftTimeLimitExceeded`` anywhere in the
-        loop's own code, as that handler does, could leave the loop half way
-        through a step.
-        """
-        self._soft_limits_taken = True
-        if (_SOFT_LIMIT_SIGNAL is not None
-                and threading.current_thread() is threading.main_thread()):
-            signal.signal(_SOFT_LIMIT_SIGNAL, self._on_soft_limit)
-
-    def _on_soft_limit(self, signum: int, frame: Any) -> None:
-        """Cancel the running coroutine; outside one, raise as billiard would (sync tasks)."""
-        task = self._current
-        if task is None or task.done():
-            raise SoftTimeLimitExceeded()
-        self._soft_limit_hit = True
-        # Thread-safe scheduling also wakes the loop if it is waiting in select().
-        self.loop.call_soon_threadsafe(task.cancel, SOFT_LIMIT_MESSAGE)
 
     def _unwind(self, task: asyncio.Task[Any], interrupt: BaseException) -> None:
         """Cancel ``task`` and let it unwind, within ``asyncsql_cancel_grace_s``."""

@@ -34,8 +34,8 @@ def check(ctx: click.Context, concurrency: int | None) -> None:
     from .checks import run_check
 
     app = ctx.obj.app
-    processes = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
-    problems = run_check(app, processes, echo=click.echo)
+    slots = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
+    problems = run_check(app, slots, echo=click.echo)
     if problems:
         for problem in problems:
             click.echo(f"error: {problem}", err=True)

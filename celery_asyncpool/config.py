@@ -7,6 +7,8 @@ keys belong to Celery's own database result backend, hence the prefix.
 from __future__ import annotations
 
 import difflib
+import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +45,9 @@ def _is_str_dict(value: Any) -> bool:
 
 OPTIONS: tuple[Option, ...] = (
     Option("asyncsql_processes", None, "a whole number >= 1, or None",
-           "Child processes. Until several tasks run per child it must equal "
-           "the worker's concurrency (-c); None means the same as -c.",
+           "Child processes. The worker's concurrency (-c) is its task slots, spread "
+           "over them: each child runs up to ceil(slots / processes) tasks at once. "
+           "None means the CPU count, at most -c.",
            lambda v: v is None or (_is_int(v) and v >= 1)),
     Option("asyncsql_database_url", None, "an async SQLAlchemy URL string, or None",
            "URL of the database named 'default', e.g. "
@@ -123,18 +126,10 @@ class Settings:
             cancel_grace_s=float(values["asyncsql_cancel_grace_s"]),
         )
 
-    def require_processes(self, concurrency: int) -> None:
-        """Check ``asyncsql_processes`` against the worker's ``-c``.
-
-        Raises:
-            ConfigurationError: when it is set and differs: each child runs one
-                task at a time in this version, so ``-c`` is the number of children.
-        """
-        if self.processes not in (None, concurrency):
-            raise ConfigurationError(
-                f"Setting asyncsql_processes has value {self.processes!r}; expected the "
-                f"worker's concurrency ({concurrency}): each child runs one task at a time "
-                "in this version, so -c is the number of children.")
+    def layout(self, slots: int) -> tuple[int, int]:
+        """Child processes and task slots per child for a worker with ``slots`` (``-c``)."""
+        processes = min(self.processes or os.cpu_count() or 1, slots)
+        return processes, math.ceil(slots / processes)
 
     def database(self, name: str) -> DatabaseSettings:
         """The settings of database ``name``.

@@ -1,118 +1,217 @@
-"""The ``asyncsql`` pool, parent side: Celery's prefork pool with our child runtime.
+"""The ``asyncsql`` pool, parent side: Celery's pool hooks over our supervisor.
 
-Each child runs one task at a time under billiard's own work loop, on its main
-thread where signals arrive (soft time limit, terminate); async bodies run on
-the child's persistent loop, driven by that same thread (``child.Runtime``).
+``-c`` is the number of task slots, spread over ``asyncsql_processes``
+children; each child runs many jobs at once on its own loop (``jobs``). The
+supervisor, on the worker's kombu hub (or a thread of its own without one),
+knows which job runs in which child (``supervisor``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
+import os
 from typing import Any
 
-from billiard.pool import Pool as _BillardBlockingPool
+from billiard import get_context
 from celery.concurrency import prefork
-from celery.concurrency.asynpool import AsynPool
+from celery.concurrency.base import BasePool
+from kombu.asynchronous import get_event_loop
 
-from .child import Runtime
 from .config import Settings
-from .database import (
-    Sizing,
-    check_engine_options,
-    connections_per_process,
-    dispose_inherited_engines,
-    forget_inherited_loops,
-)
-from .errors import AsyncPoolError, ChildStartError
-from .task import install_bridges
+from .database import Sizing, check_engine_options, connections_per_process
+from .driver import LoopDriver
+from .protocol import make_pipe
+from .supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
 
-SLOTS_PER_CHILD = 1
-RESTART_DELAY_S = 1.0
+class TaskPool(BasePool):  # type: ignore[misc]
+    """Our own parent: ``-c`` task slots spread over ``asyncsql_processes`` children.
 
-_runtime: Runtime | None = None
-
-
-def child_initializer(app: Any, hostname: str, processes: int) -> None:
-    """Set up a child: loop first, then Celery's own initializer, then engines and hooks."""
-    global _runtime
-    dispose_inherited_engines()
-    forget_inherited_loops()
-    settings = Settings.from_conf(app.conf)
-    _runtime = Runtime(settings, Sizing(SLOTS_PER_CHILD, processes, settings.connection_cap),
-                       own_thread=False)
-    _runtime.start_loop()
-    prefork.process_initializer(app, hostname)
-    install_bridges(app, _runtime, hostname)
-    try:
-        _runtime.open()
-    except ChildStartError:
-        time.sleep(RESTART_DELAY_S)  # billiard replaces the child at once: no hot restart loop
-        raise
-
-
-def child_destructor(pid: int, exitcode: int) -> None:
-    """Stop hooks and engine disposal on the child's loop, then Celery's destructor."""
-    if _runtime is not None:
-        _runtime.stop()
-    prefork.process_destructor(pid, exitcode)
-
-
-def _with_child_runtime(base: type) -> type:
-    """``base`` (billiard's pool or Celery's AsynPool) starting children with our runtime."""
-
-    class Pool(base):  # type: ignore[misc]
-        def __init__(self, *args: Any, initializer: Any = None, initargs: tuple[Any, ...] = (),
-                     on_process_exit: Any = None, processes: int | None = None,
-                     **kwargs: Any) -> None:
-            if initializer is not prefork.process_initializer or len(initargs) != 2:
-                raise AsyncPoolError(
-                    "Celery's prefork pool no longer starts children with "
-                    "process_initializer(app, hostname); this celery_asyncpool "
-                    "version does not support this Celery version.")
-            super().__init__(*args, processes=processes, initializer=child_initializer,
-                             initargs=(*initargs, processes), on_process_exit=child_destructor,
-                             **kwargs)
-
-    Pool.__name__ = Pool.__qualname__ = f"AsyncSQL{base.__name__}"
-    return Pool
-
-
-class TaskPool(prefork.TaskPool):  # type: ignore[misc]
-    """Prefork's parent side; children run ``async def`` tasks on a persistent loop.
-
-    ``-c`` is the number of children, one task each; ``asyncsql_processes``,
-    when set, must equal it.
+    Each child runs up to ``ceil(slots / processes)`` jobs at once on its
+    loop; the supervisor knows which job runs where, so a time limit or a
+    revoke cancels one coroutine and leaves its siblings alone.
     """
 
-    Pool = _with_child_runtime(AsynPool)
-    BlockingPool = _with_child_runtime(_BillardBlockingPool)
+    uses_semaphore = True
+    limit: int
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = Settings.from_conf(self.app.conf)
-        self.settings.require_processes(self.limit)
-        self.sizing = Sizing(SLOTS_PER_CHILD, self.limit, self.settings.connection_cap)
+        self.processes, self.slots_per_child = self.settings.layout(self.limit)
+        self.sizing = Sizing(self.slots_per_child, self.processes, self.settings.connection_cap)
         check_engine_options(self.settings, self.sizing)
+        self._supervisor: Supervisor | None = None
+        self._driver: Any = None
+        self._hub: Any = None
+
+    # --- start ----------------------------------------------------------------------------
 
     def on_start(self) -> None:
         logger.info("asyncsql pool: %d processes, %d task slot(s) each; database "
-                    "connections at most %s", self.limit, SLOTS_PER_CHILD, self._budget())
-        super().on_start()
+                    "connections at most %s", self.processes, self.slots_per_child,
+                    self._budget())
+        self._hub = None if self.options.get("threads", True) else get_event_loop()
+        self._driver = self._hub if self._hub is not None else LoopDriver()
+        self._supervisor = Supervisor(
+            processes=self.processes, slots_per_child=self.slots_per_child, limit=self.limit,
+            spawn=self._spawn_child, driver=self._driver,
+            cancel_grace_s=self.settings.cancel_grace_s,
+            semaphore=self.options.get("semaphore"))
+        self._supervisor.start()
+        if self._hub is None:
+            self._driver.start_thread()
+
+    def _spawn_child(self, index: int) -> tuple[Any, int, int]:
+        job_r, job_w = make_pipe()
+        report_r, report_w = make_pipe()
+        app, hostname = self.options["initargs"]
+        parent_fds = [job_w, report_r, *self._parent_fds()]
+        process = get_context("fork").Process(
+            target=_child_entry, name=f"asyncsql-child-{index}", daemon=True,
+            args=(parent_fds, app, hostname, self.slots_per_child, self.processes, job_r,
+                  report_w, self.options.get("maxtasksperchild"),
+                  self.options.get("max_memory_per_child")))
+        process.start()
+        os.close(job_r)
+        os.close(report_w)
+        return process, job_w, report_r
+
+    def _parent_fds(self) -> list[int]:
+        if self._supervisor is None:
+            return []
+        return [fd for child in self._supervisor.children.values()
+                for fd in (child.job_fd, child.report_fd)]
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def on_apply(self, target: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        assert self._supervisor is not None
+        options.setdefault("timeout", None)
+        options["timeout"] = options["timeout"] or self.options.get("timeout")
+        options["soft_timeout"] = options.get("soft_timeout") or self.options.get("soft_timeout")
+        with self._lock():
+            return self._supervisor.apply(target, args or (), kwargs or {}, options)
+
+    def terminate_job(self, pid: int, signal: Any = None) -> None:
+        """Nothing per process: Celery then calls the job's own ``terminate``, which
+        cancels that one coroutine (``supervisor.Job.terminate``)."""
+
+    def grow(self, n: int = 1) -> None:
+        with self._lock():
+            self.limit += n
+            if self._supervisor is not None:
+                self._supervisor.limit = self.limit
+                self._supervisor.dispatch()
+
+    def shrink(self, n: int = 1) -> None:
+        with self._lock():
+            self.limit = max(1, self.limit - n)
+            if self._supervisor is not None:
+                self._supervisor.limit = self.limit
+
+    def _lock(self) -> Any:
+        return self._driver.lock if isinstance(self._driver, LoopDriver) else _NO_LOCK
+
+    # --- stop -----------------------------------------------------------------------------
+
+    def on_stop(self) -> None:
+        """Warm shutdown: in-flight jobs finish, then each child disposes its engines and exits."""
+        supervisor = self._take_over_driver()
+        if supervisor is None:
+            return
+        self._driver.run_until(lambda: not supervisor.in_flight() and not supervisor.waiting)
+        supervisor.stop_children(cancel=False)
+        self._wait_for_children(supervisor)
+
+    def on_terminate(self) -> None:
+        """Cold shutdown: cancel every job, let the children dispose their engines, then go."""
+        supervisor = self._take_over_driver()
+        if supervisor is None:
+            return
+        supervisor.stop_children(cancel=True)
+        supervisor.fail_waiting()
+        self._wait_for_children(supervisor)
+
+    def _take_over_driver(self) -> Supervisor | None:
+        """Serve the children from this thread from now on: the hub has stopped."""
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is None:
+            return None
+        if isinstance(self._driver, LoopDriver):
+            self._driver.stop_thread()
+        else:
+            driver = LoopDriver()
+            driver.on_tick = functools.partial(_flush_hub_callbacks, self._hub)
+            supervisor.move_to(driver)
+            self._driver = driver
+        return supervisor
+
+    def _wait_for_children(self, supervisor: Supervisor) -> None:
+        grace = self.settings.cancel_grace_s + self.settings.hook_timeout_s
+        if not self._driver.run_until(lambda: not supervisor.children, timeout_s=grace):
+            logger.warning("asyncsql children %s did not exit within %ss; killing them",
+                           sorted(supervisor.children), grace)
+            supervisor.kill_all()
+            self._driver.run_until(lambda: not supervisor.children, timeout_s=5)
+        self._driver.close()
+
+    # --- reporting ------------------------------------------------------------------------
 
     def _budget(self) -> dict[str, int]:
-        return {database.name: connections_per_process(database, self.sizing) * self.limit
+        return {database.name: connections_per_process(database, self.sizing) * self.processes
                 for database in self.settings.databases}
 
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
+        supervisor = self._supervisor
+        # The keys prefork reports, which tools such as Flower read.
+        info.update({
+            "processes": [] if supervisor is None else sorted(supervisor.children),
+            "max-tasks-per-child": self.options.get("maxtasksperchild") or "N/A",
+            "max-memory-per-child": self.options.get("max_memory_per_child") or "N/A",
+            "put-guarded-by-semaphore": self.putlocks,
+            "timeouts": (self.options.get("soft_timeout") or 0, self.options.get("timeout") or 0),
+        })
         info["asyncsql"] = {
-            "processes": self.limit,
-            "slots-per-process": SLOTS_PER_CHILD,
+            "processes": self.processes,
+            "slots-per-process": self.slots_per_child,
+            "driver": "thread" if isinstance(self._driver, LoopDriver) else "hub",
+            "in-flight": 0 if supervisor is None else supervisor.in_flight(),
+            "children": [] if supervisor is None else supervisor.info(),
             "databases": {database.name: database.masked_url
                           for database in self.settings.databases},
             "connection-budget": self._budget(),
         }
         return info
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+_NO_LOCK = _NoLock()
+
+
+def _child_entry(parent_fds: list[int], *args: Any) -> None:
+    """The child process: drop the parent's ends of every pipe, then serve jobs."""
+    from .jobs import child_main
+
+    for fd in parent_fds:
+        os.close(fd)
+    child_main(*args)
+
+
+def _flush_hub_callbacks(hub: Any) -> None:
+    """Run the acks that Celery queued on the stopped hub, and its timers (heartbeats)."""
+    run_ready_callbacks = getattr(prefork, "_run_ready_callbacks", None)
+    if hub is None or run_ready_callbacks is None:
+        return
+    hub.fire_timers()
+    run_ready_callbacks(hub)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from celery import Task, signals
 from celery.app.trace import build_tracer
 
-from . import context
+from . import context, greenlets
 from .config import Settings
 from .database import Sizing
 from .errors import BridgeError
@@ -55,17 +55,25 @@ def async_tasks(app: Celery) -> dict[str, tuple[Task, str]]:
     return found
 
 
-def install_bridges(app: Celery, runtime: Runtime, hostname: str) -> None:
-    """Make every async task body run on ``runtime``'s loop when Celery's tracer calls it."""
+def install_bridges(app: Celery, runtime: Runtime, hostname: str) -> frozenset[str]:
+    """Make every async task body run on ``runtime``'s loop when Celery's tracer calls it.
+
+    Returns the names of the tasks bridged: afterwards ``body_attribute`` no
+    longer sees them as async, their bodies being the bridge.
+    """
     context.install(app)
-    for name, (task, attribute) in async_tasks(app).items():
+    found = async_tasks(app)
+    for name, (task, attribute) in found.items():
         setattr(task, attribute, _bridge(getattr(task, attribute), runtime))
         task.__trace__ = build_tracer(name, task, app.loader, hostname, app=app)
+    return frozenset(found)
 
 
 def _bridge(body: Callable[..., Any], runtime: Runtime) -> Callable[..., Any]:
     @functools.wraps(body)
     def run(*args: Any, **kwargs: Any) -> Any:
+        if greenlets.in_tracer():
+            return greenlets.await_body(body(*args, **kwargs))  # a slot-aware child's job
         if runtime.on_loop_thread():
             return body(*args, **kwargs)  # awaited by the coroutine that called it
         return runtime.run(body(*args, **kwargs))

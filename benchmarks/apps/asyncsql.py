@@ -10,6 +10,7 @@ from . import make_app
 
 app = make_app("bench_asyncsql")
 app.conf.asyncsql_database_url = ASYNC_URL
+app.conf.asyncsql_processes = 2  # the same children on any machine; -c sets the slots
 
 
 @app.task(name="bench.tiny")

@@ -17,10 +17,10 @@ def celery(*args, conf=None, timeout=90):
 
 
 def test_check_prints_settings_and_budget_and_connects():
-    done = celery("asyncsql", "check", "-c", "3")
+    done = celery("asyncsql", "check", "-c", "7", conf={"asyncsql_processes": 3})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "processes: 3, task slots per process: 1" in done.stdout
-    assert "connections: 1 per process, 3 in all" in done.stdout
+    assert "processes: 3, task slots per process: 3" in done.stdout
+    assert "connections: 3 per process, 9 in all" in done.stdout
     assert "connected, server max_connections = " in done.stdout
 
 
@@ -43,8 +43,8 @@ def test_check_fails_when_the_budget_exceeds_max_connections():
 @pytest.mark.parametrize("conf,message", [
     ({"asyncsql_proceses": 2}, "Did you mean 'asyncsql_processes'?"),
     ({"asyncsql_engine_options": {"pool_sise": 3}}, "rejected by create_async_engine"),
-    ({"asyncsql_processes": 3}, "Setting asyncsql_processes has value 3; expected the worker's "
-                                "concurrency (2)"),
+    ({"asyncsql_processes": 0}, "Setting asyncsql_processes has value 0; expected a whole "
+                                "number >= 1, or None."),
     ({"asyncsql_database_url": "postgresql+psycopg2://u:pw@h/db"},
      "driver 'psycopg2' is not async"),
 ])

@@ -325,7 +325,7 @@ def test_filesystem_transport_blocking_pool_runs_async_tasks(worker_factory, tmp
             pool = stats[worker.hostname]["pool"]
             assert pool["implementation"] == "celery_asyncpool.pool:TaskPool"
             # Only Celery's AsynPool keeps write statistics: this is billiard's BlockingPool.
-            assert pool["writes"] == "N/A"
+            assert pool["asyncsql"]["driver"] == "thread", "no event loop on this transport"
             assert sorted(pool["processes"]) == worker.children()
             assert worker.stop(timeout_s=60) == 0
         assert pg_connections(worker.app_name) == 0
@@ -349,7 +349,7 @@ def test_rabbitmq_broker_runs_async_tasks(worker_factory):
             stats = client.control.inspect(destination=[worker.hostname], timeout=5).stats()
             pool = stats[worker.hostname]["pool"]
             assert pool["implementation"] == "celery_asyncpool.pool:TaskPool"
-            assert pool["writes"] != "N/A", "the event-loop AsynPool, as prefork on amqp"
+            assert pool["asyncsql"]["driver"] == "hub", "the worker's event loop, as on Redis"
             assert stats[worker.hostname]["broker"]["transport"] == "amqp"
             assert worker.stop(timeout_s=60) == 0
         assert pg_connections(worker.app_name) == 0

@@ -5,7 +5,6 @@ Each test runs against both ways of driving the loop: on a thread of its own
 """
 
 import asyncio
-import os
 import signal
 import threading
 
@@ -182,32 +181,6 @@ def test_stop_disposes_engines_and_closes_the_loop(tmp_path, own_thread):
     runtime.stop()
     assert runtime.loop.is_closed()
     assert built.pool.checkedin() == 0
-
-
-def _signal_self_in(seconds, signum=signal.SIGUSR1):
-    timer = threading.Timer(seconds, os.kill, (os.getpid(), signum))
-    timer.start()
-    return timer
-
-
-def test_billiards_soft_limit_signal_cancels_the_coroutine_and_keeps_the_loop(child_runtime):
-    signal.signal(signal.SIGUSR1, lambda *_: pytest.fail("billiard's handler ran"))
-    unwound = []
-
-    _signal_self_in(0.2)
-    with pytest.raises(SoftTimeLimitExceeded):
-        child_runtime.run(_slow(unwound))
-    assert unwound == [True]
-    _signal_self_in(0.2)
-    assert child_runtime.run(_careful()) == "cleaned up after: celery_asyncpool: soft time limit exceeded"
-    assert child_runtime.run(asyncio.sleep(0, "still usable")) == "still usable"
-
-
-def test_soft_limit_signal_outside_a_coroutine_raises_as_billiard_does(child_runtime):
-    child_runtime.run(asyncio.sleep(0))  # takes over the signal, as the first task does
-    _signal_self_in(0.1)
-    with pytest.raises(SoftTimeLimitExceeded):
-        threading.Event().wait(5)  # a sync task's body
 
 
 def test_terminate_mid_coroutine_unwinds_it_and_leaves_the_loop_closable(child_runtime):

@@ -1,0 +1,114 @@
+"""Celery's tracer in a greenlet on the loop thread, and its wait for a coroutine task body.
+
+A slot-aware child (``jobs``) runs each async job's tracer in a ``Tracer``
+greenlet on the loop's own thread: no hop between threads per task. When the
+tracer calls the task body, the bridge (``task._bridge``) calls
+``await_body``, which switches back to ``drive``; ``drive`` runs the coroutine
+as an asyncio Task of its own and switches back with its result or exception.
+Cancelling that Task (time limit, revoke, shutdown) hits the body alone, never
+the tracer's own result handling.
+
+The shape is SQLAlchemy's ``greenlet_spawn``/``await_``
+(sqlalchemy/util/concurrency.py), whose private helpers we do not import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from greenlet import getcurrent, greenlet  # type: ignore[import-untyped]
+
+from .child import SOFT_LIMIT_MESSAGE
+from .context import caller_context
+from .errors import TaskCancelledError
+from .protocol import HARD, REVOKE, SHUTDOWN, SOFT
+
+T = TypeVar("T")
+
+CANCEL_MESSAGES = {
+    SOFT: SOFT_LIMIT_MESSAGE,
+    HARD: "celery_asyncpool: hard time limit exceeded",
+    REVOKE: "celery_asyncpool: revoked",
+    SHUTDOWN: "celery_asyncpool: worker shutdown",
+}
+
+
+class Tracer(greenlet):  # type: ignore[misc]
+    """One job's tracer, run to its end by ``drive`` on the loop thread.
+
+    Its context is a copy of its creator's, as an asyncio Task's is. There
+    ``context._caller`` is unset, so Celery's stacks key this job's request by
+    this greenlet, and ``await_body`` hands that identity to the body's Task.
+    """
+
+    def __init__(self, run: Callable[[], Any]) -> None:
+        super().__init__(run, getcurrent())
+        self.gr_context = contextvars.copy_context()
+        self.body: asyncio.Task[Any] | None = None
+        self.cancel_reason: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        """Cancel the body's Task now, or as soon as it starts; ``reason`` is a CANCEL reason."""
+        self.cancel_reason = reason
+        if self.body is not None:
+            self.body.cancel(CANCEL_MESSAGES[reason])
+
+
+def in_tracer() -> bool:
+    """Whether the caller runs in a ``Tracer``, where it must use ``await_body``."""
+    return isinstance(getcurrent(), Tracer)
+
+
+async def drive(tracer: Tracer) -> Any:
+    """Run ``tracer`` to its end and return what it returns.
+
+    Each coroutine it hands over in ``await_body`` runs as a Task of its own;
+    its result or exception, as the tracer must see it, is switched back in.
+    """
+    request = tracer.switch()
+    while not tracer.dead:
+        coro, context = request
+        body = tracer.body = asyncio.get_running_loop().create_task(coro, context=context)
+        if tracer.cancel_reason is not None:
+            body.cancel(CANCEL_MESSAGES[tracer.cancel_reason])
+        value, error = None, None
+        try:
+            value = await body
+        except BaseException as exc:
+            error = exc
+        tracer.body = None
+        error = _as_seen_by_tracer(tracer.cancel_reason, error)
+        if error is None:
+            request = tracer.switch(value)
+        else:
+            request = tracer.throw(type(error), error, error.__traceback__)
+    return request
+
+
+def await_body(coro: Coroutine[Any, Any, T]) -> T:
+    """Wait, in a ``Tracer``, for the task body's coroutine, and return its result.
+
+    Raises:
+        SoftTimeLimitExceeded: the body was cancelled for its soft time limit
+            and did not handle the cancellation.
+        Ignore: it was cancelled for a hard limit, a revoke or a shutdown,
+            whatever it did then: the tracer stores nothing, the parent
+            settles the job.
+        TaskCancelledError: it was cancelled by something other than the pool.
+    """
+    return getcurrent().parent.switch((coro, caller_context()))  # type: ignore[no-any-return]
+
+
+def _as_seen_by_tracer(reason: str | None, error: BaseException | None) -> BaseException | None:
+    """What the tracer gets instead of the body's outcome, if anything; ``reason``: the cancel's."""
+    seen = error
+    if reason in (HARD, REVOKE, SHUTDOWN):
+        seen = Ignore(CANCEL_MESSAGES[reason])
+    elif isinstance(error, asyncio.CancelledError):
+        seen = SoftTimeLimitExceeded() if reason == SOFT else TaskCancelledError(
+            f"The coroutine was cancelled by something other than the pool: {error}")
+    return seen

@@ -1,0 +1,397 @@
+"""A slot-aware child: runs the jobs its parent sends, many at once, on one event loop.
+
+``child_main`` is the child process's entry point. The parent (``supervisor``)
+sends JOB, CANCEL and STOP down one pipe; the child answers with UP, ACK,
+READY, DRAINING, STATS and BYE up the other (``protocol``).
+
+An async job's tracer runs in a greenlet on the loop thread and its body as a
+Task of its own (``greenlets``), so a CANCEL hits that one body. Sync jobs run
+one at a time on a thread of their own, never on the loop; of the CANCEL
+reasons only the soft time limit reaches them.
+
+Invariants: every job read from the pipe is run and gets one READY, a job
+read after DRAINING or STOP too; its ACK comes first, when it starts; the
+serve loop ends only when no job is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from billiard.compat import mem_rss
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
+from billiard.pool import MaybeEncodingError
+from celery.concurrency import prefork
+from celery.exceptions import SoftTimeLimitExceeded
+
+from . import greenlets, protocol
+from .child import Runtime
+from .config import Settings
+from .database import Sizing, dispose_inherited_engines, forget_inherited_loops
+from .errors import ChildStartError
+from .protocol import ACK, BYE, CANCEL, CANCEL_REASONS, DRAINING, JOB, READY, SOFT, STATS, \
+    STOP, UP
+from .task import install_bridges
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger(__name__)
+
+RESTART_DELAY_S = 1.0  # the parent replaces a failed child at once: no hot restart loop
+START_FAILED_EXITCODE = 3
+STATS_INTERVAL_S = 1.0
+
+# What Celery's tracer returns: (0, repr of the result, runtime) or (1, einfo, runtime).
+Outcome = Any
+
+
+def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: int,
+               report_fd: int, max_tasks: int | None, max_memory_kb: int | None) -> None:
+    """Set up this freshly forked child, serve jobs until told to stop, tear down, say BYE.
+
+    Returns once BYE is sent; the caller then exits the process (with 0).
+
+    Raises:
+        SystemExit: ``START_FAILED_EXITCODE``, ``RESTART_DELAY_S`` after an
+            ``on_child_start`` hook failed; no UP was sent.
+    """
+    dispose_inherited_engines()
+    forget_inherited_loops()
+    settings = Settings.from_conf(app.conf)
+    runtime = Runtime(settings, Sizing(slots, processes, settings.connection_cap),
+                      own_thread=False)
+    prefork.process_initializer(app, hostname)
+    async_tasks = install_bridges(app, runtime, hostname)
+    try:
+        runtime.open()
+    except ChildStartError:
+        runtime.stop(run_hooks=False)
+        time.sleep(RESTART_DELAY_S)
+        raise SystemExit(START_FAILED_EXITCODE) from None
+    reports = ReportPipe(report_fd)
+    reports.send((UP, os.getpid()))
+    server = JobServer(runtime, async_tasks, slots, job_fd, reports,
+                       max_tasks=max_tasks, max_memory_kb=max_memory_kb)
+    try:
+        runtime.loop.run_until_complete(server.serve())
+    finally:
+        runtime.stop()
+        prefork.process_destructor(os.getpid(), 0)
+    reports.send((BYE,))
+
+
+class ReportPipe:
+    """The pipe up to the parent; once the parent has gone, reports are dropped."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.broken = False
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.write(protocol.encode(message))
+
+    def write(self, data: bytes) -> None:
+        if self.broken:
+            return
+        try:
+            protocol.write_all(self.fd, data)
+        except OSError as exc:
+            self.broken = True
+            logger.warning("The report pipe to the parent is broken (%s): this child finishes "
+                           "its jobs without reporting them, then exits.", exc)
+
+
+class _Job:
+    """One job read from the pipe: its tracer call, and for an async task the tracer greenlet."""
+
+    __slots__ = ("call", "id", "runner", "tracer")
+
+    def __init__(self, job_id: int, call: Callable[[], Outcome], is_async: bool) -> None:
+        self.id = job_id
+        self.call = call
+        self.tracer = greenlets.Tracer(call) if is_async else None
+        self.runner: asyncio.Task[None] | None = None  # held: the loop keeps Tasks weakly
+
+
+class JobServer:
+    """Runs the jobs read from ``job_fd`` on the running loop and reports on each.
+
+    ``async_tasks`` names the tasks whose bodies are bridged coroutines; the
+    tracer of any other job runs on the sync thread.
+    """
+
+    def __init__(self, runtime: Runtime, async_tasks: frozenset[str], slots: int, job_fd: int,
+                 reports: ReportPipe, *, max_tasks: int | None = None,
+                 max_memory_kb: int | None = None) -> None:
+        self._runtime = runtime
+        self._loop = runtime.loop
+        self._async_tasks = async_tasks
+        self._slots = slots
+        self._job_fd = job_fd
+        self._reports = reports
+        self._max_tasks = max_tasks
+        self._max_memory_kb = max_memory_kb
+        self._pid = os.getpid()
+        self._decoder = protocol.Decoder()
+        self._jobs: dict[int, _Job] = {}
+        self._sync = _SyncThread()
+        self._finished = 0
+        self._leaving: str | None = None
+        self._idle = asyncio.Event()
+
+    async def serve(self) -> None:
+        """Serve jobs until STOP, draining or EOF on the job pipe, and none is in flight."""
+        os.set_blocking(self._job_fd, False)
+        self._loop.add_reader(self._job_fd, self._read_jobs)
+        stats = self._loop.create_task(self._report_stats())
+        try:
+            while True:
+                await self._idle.wait()
+                self._read_jobs()  # a last look: jobs sent before the parent read DRAINING
+                if not self._jobs:
+                    return
+                self._idle.clear()
+        finally:
+            self._loop.remove_reader(self._job_fd)
+            stats.cancel()
+            self._sync.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Jobs in flight and engine pool use, JSON-friendly (for ``inspect stats``)."""
+        databases = self._runtime.databases
+        engines = {} if databases is None else {
+            name: _pool_use(engine.pool) for name, engine in databases.engines.items()}
+        return {"pid": self._pid, "slots": self._slots, "in_flight": len(self._jobs),
+                "engines": engines}
+
+    # --- messages from the parent ---------------------------------------------------------
+
+    def _read_jobs(self) -> None:
+        messages = protocol.read_available(self._job_fd, self._decoder)
+        if messages is None:
+            self._loop.remove_reader(self._job_fd)
+            self._leave("the parent closed the job pipe")
+            return
+        for message in messages:
+            kind, fields = message[0], message[1:]
+            if kind == JOB:
+                self._start(*fields)
+            elif kind == CANCEL:
+                self._cancel(*fields)
+            elif kind == STOP:
+                self._leave("the parent asked it to stop")
+            else:
+                logger.error("Ignored a message of unknown kind %r from the parent; expected "
+                             "%s, %s or %s.", kind, JOB, CANCEL, STOP)
+
+    def _start(self, job_id: int, target: Callable[..., Outcome], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> None:
+        if len(self._jobs) >= self._slots:
+            logger.warning("Job %s arrived while all %d slot(s) of this child were busy: "
+                           "running it anyway. The parent must send at most %d at once.",
+                           job_id, self._slots, self._slots)
+        is_async = bool(args) and args[0] in self._async_tasks  # args[0]: the task's name
+        job = _Job(job_id, functools.partial(target, *args, **kwargs), is_async)
+        self._jobs[job_id] = job
+        if is_async:
+            self._ack(job_id, time.monotonic())
+        job.runner = self._loop.create_task(self._run(job))
+
+    def _cancel(self, job_id: int, reason: str) -> None:
+        job = self._jobs.get(job_id)
+        if reason not in CANCEL_REASONS:
+            logger.error("Ignored CANCEL of job %s with reason %r; expected one of %s.",
+                         job_id, reason, ", ".join(CANCEL_REASONS))
+        elif job is None:
+            logger.debug("Ignored CANCEL (%s) of job %s: it is not running here.", reason, job_id)
+        elif job.tracer is not None:
+            job.tracer.cancel(reason)
+        elif not (reason == SOFT and self._sync.interrupt(job_id)):
+            logger.debug("Sync job %s cannot be cancelled (%s) while it runs or waits here; "
+                         "the parent kills this child if it must.", job_id, reason)
+
+    # --- running a job --------------------------------------------------------------------
+
+    async def _run(self, job: _Job) -> None:
+        try:
+            if job.tracer is not None:
+                outcome = await greenlets.drive(job.tracer)
+            else:
+                outcome = await self._sync.run(job.id, job.call, self._ack_from_thread)
+        except BaseException as exc:  # past Celery's tracer, which reports the task's own errors
+            logger.error("Job %s raised %r outside Celery's tracer", job.id, exc, exc_info=True)
+            outcome = _failure(exc)
+            if not isinstance(exc, Exception):
+                self._drain(f"a job raised {exc!r}")
+        self._finish(job, outcome)
+
+    def _ack(self, job_id: int, started: float) -> None:
+        self._send((ACK, job_id, self._pid, started))
+
+    def _ack_from_thread(self, job_id: int, started: float) -> None:
+        self._loop.call_soon_threadsafe(self._ack, job_id, started)  # reports go from the loop
+
+    def _finish(self, job: _Job, outcome: Outcome) -> None:
+        del self._jobs[job.id]
+        self._finished += 1
+        if self._leaving is None:
+            reason = self._drain_reason()
+            if reason is not None:
+                # Before READY: the parent must not give the freed slot a new job.
+                self._drain(reason)
+        self._ready(job.id, outcome)
+        if self._leaving is not None and not self._jobs:
+            self._idle.set()
+
+    def _ready(self, job_id: int, outcome: Outcome) -> None:
+        try:
+            data = protocol.encode((READY, job_id, outcome))
+        except Exception as exc:
+            logger.error("The outcome of job %s cannot be pickled for the parent (%r): "
+                         "reporting the job as failed.", job_id, exc)
+            data = protocol.encode((READY, job_id, _failure(MaybeEncodingError(exc, outcome))))
+        self._write(data)
+
+    # --- leaving --------------------------------------------------------------------------
+
+    def _drain_reason(self) -> str | None:
+        if self._max_tasks and self._finished >= self._max_tasks:
+            return f"max_tasks_per_child reached ({self._finished} tasks)"
+        if self._max_memory_kb:
+            used_kb = _rss_kb()
+            if used_kb > self._max_memory_kb:
+                return (f"max_memory_per_child exceeded ({used_kb} KiB used, "
+                        f"{self._max_memory_kb} KiB allowed)")
+        return None
+
+    def _drain(self, reason: str) -> None:
+        if self._leaving is None:
+            self._send((DRAINING, reason))
+            self._leave(reason)
+
+    def _leave(self, reason: str) -> None:
+        """Take the way out: jobs in flight (and any still sent) finish, then ``serve`` returns."""
+        if self._leaving is None:
+            self._leaving = reason
+            logger.info("asyncsql child %s leaves once its %d job(s) in flight are done: %s",
+                        self._pid, len(self._jobs), reason)
+            self._send((STATS, self.snapshot()))
+        if not self._jobs:
+            self._idle.set()
+
+    async def _report_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            self._send((STATS, self.snapshot()))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        self._write(protocol.encode(message))
+
+    def _write(self, data: bytes) -> None:
+        self._reports.write(data)
+        if self._reports.broken:
+            self._leave("the parent closed the report pipe")
+
+
+class _SyncThread:
+    """Runs sync jobs one at a time on a thread of its own, never on the loop.
+
+    A soft time limit is raised there as ``SoftTimeLimitExceeded`` between two
+    Python instructions: a blocking call (``time.sleep``, a socket read)
+    delays it until the call returns.
+    """
+
+    def __init__(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="asyncsql-sync")
+        self._lock = threading.Lock()
+        self._running: tuple[int, int] | None = None  # (job id, thread id)
+
+    async def run(self, job_id: int, call: Callable[[], Outcome],
+                  on_start: Callable[[int, float], object]) -> Outcome:
+        """Run ``call`` there once the jobs before it are done, calling ``on_start`` first.
+
+        ``on_start(job_id, time.monotonic())`` is called on that thread.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, job_id, call, on_start)
+
+    def _call(self, job_id: int, call: Callable[[], Outcome],
+              on_start: Callable[[int, float], object]) -> Outcome:
+        thread_id = threading.get_ident()
+        with self._lock:
+            self._running = (job_id, thread_id)
+        try:
+            on_start(job_id, time.monotonic())
+            return call()
+        finally:
+            with self._lock:
+                self._running = None
+                _set_async_exc(thread_id, None)  # a soft limit that came after the tracer returned
+
+    def interrupt(self, job_id: int) -> bool:
+        """Raise ``SoftTimeLimitExceeded`` in job ``job_id`` if it runs now; whether it does."""
+        with self._lock:
+            if self._running is None or self._running[0] != job_id:
+                return False
+            _set_async_exc(self._running[1], SoftTimeLimitExceeded)
+            return True
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """Raise ``exc_type`` in thread ``thread_id`` at its next instruction; None cancels that."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), None if exc_type is None else ctypes.py_object(exc_type))
+
+
+def _failure(exc: BaseException) -> tuple[int, ExceptionInfo, float]:
+    """A failure shaped as Celery's tracer returns one, for an error it did not report itself.
+
+    ``SystemExit`` and ``KeyboardInterrupt`` become ``WorkerLostError``, as
+    prefork reports them; Celery's ``Request.on_success`` would re-raise them
+    in the worker.
+    """
+    if not isinstance(exc, Exception):
+        exc = WorkerLostError(f"The job raised {exc!r} in the asyncsql child.")
+    try:
+        raise exc  # ExceptionInfo needs a traceback, which a new exception lacks
+    except Exception:
+        return 1, ExceptionInfo(), 0.0
+
+
+def _pool_use(pool: Any) -> dict[str, int | None]:
+    """Connections of an engine's pool; None for a count its class does not keep (NullPool)."""
+    counts = {"size": "size", "checked_out": "checkedout", "overflow": "overflow"}
+    use = {key: _count(pool, method) for key, method in counts.items()}
+    if use["overflow"] is not None:
+        use["overflow"] = max(0, use["overflow"])  # QueuePool counts up from -pool_size
+    return use
+
+
+def _count(pool: Any, method: str) -> int | None:
+    counter = getattr(pool, method, None)
+    return int(counter()) if callable(counter) else None
+
+
+def _rss_kb() -> int:
+    """This process's resident memory now, in KiB (billiard's fallback gives the peak)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[1])
+    except OSError:
+        return int(mem_rss())
+    return pages * os.sysconf("SC_PAGE_SIZE") // 1024

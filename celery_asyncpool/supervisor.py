@@ -1,0 +1,406 @@
+"""The parent's side of the slot-aware pool: children, the jobs each runs, dispatch and timers.
+
+Invariants: a job is in at most one place (the waiting queue, or one child's
+``jobs``); each job is settled exactly once (``Job.settle``), which releases
+the worker's semaphore once; no child ever holds more jobs than its slots;
+a replacement child starts only after the child it replaces has exited, so
+the connection budget is never exceeded.
+
+All of it runs on one thread: the worker's kombu hub, or, for a transport
+without one, the supervisor's own thread (``ThreadDriver``), with a lock
+around what the consumer's thread calls.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import Terminated, WorkerLostError
+
+from . import protocol
+from .protocol import ACK, BYE, CANCEL, DRAINING, HARD, JOB, READY, REVOKE, SHUTDOWN, SOFT, \
+    STATS, STOP, UP
+
+logger = logging.getLogger(__name__)
+
+Callback = Callable[..., Any]
+
+
+class Job:
+    """One task handed to the pool: Celery's callbacks, its timers, the child running it.
+
+    Celery keeps a weak reference to it and calls ``terminate(signum)`` on
+    ``revoke(terminate=True)``.
+    """
+
+    def __init__(self, supervisor: Supervisor, job_id: int, target: Callback,
+                 args: Any, kwargs: Any, options: dict[str, Any]) -> None:
+        self.supervisor = supervisor
+        self.id = job_id
+        self.message = protocol.encode((JOB, job_id, target, tuple(args), dict(kwargs)))
+        self.callback: Callback | None = options.get("callback")
+        self.error_callback: Callback | None = options.get("error_callback")
+        self.accept_callback: Callback | None = options.get("accept_callback")
+        self.timeout_callback: Callback | None = options.get("timeout_callback")
+        self.soft_timeout: float | None = options.get("soft_timeout")
+        self.timeout: float | None = options.get("timeout")
+        self.correlation_id = options.get("correlation_id")
+        self.child: ChildProcess | None = None
+        self.accepted = False
+        self.settled = False
+        self.timers: list[Any] = []
+        self.deadlines: list[tuple[float, Callback]] = []
+
+    def terminate(self, signum: int | None = None) -> None:
+        self.supervisor.revoke(self, signum or signal.SIGTERM)
+
+    def settle(self, outcome: Any = None, error: BaseException | None = None,
+               notify: bool = True) -> None:
+        """Hand the outcome to Celery, once: the tracer's return, or an error made here.
+
+        ``notify=False`` only releases the slot, for an outcome Celery is told of
+        another way (the hard time limit's ``timeout_callback``).
+        """
+        if self.settled:
+            return
+        self.settled = True
+        self.cancel_timers()
+        self.supervisor.release_slot()
+        if not notify:
+            return
+        try:
+            if error is None:
+                if self.callback is not None:
+                    self.callback(outcome)
+            elif self.error_callback is not None:
+                self.error_callback(_exception_info(error))
+        except Exception:
+            logger.exception("Handling the outcome of job %s failed", self.correlation_id)
+
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+        self.deadlines.clear()
+
+
+def _exception_info(error: BaseException) -> ExceptionInfo:
+    try:
+        raise error
+    except BaseException:
+        return ExceptionInfo()
+
+
+class ChildProcess:
+    """One child: its process, its two pipes, its slots and the jobs it runs now."""
+
+    def __init__(self, index: int, process: Any, job_fd: int, report_fd: int, slots: int) -> None:
+        self.index = index
+        self.process = process
+        self.pid: int = process.pid
+        self.job_fd = job_fd
+        self.report_fd = report_fd
+        self.slots = slots
+        self.jobs: dict[int, Job] = {}
+        self.decoder = protocol.Decoder()
+        self.outbox = bytearray()
+        self.up = False
+        self.draining = False
+        self.gone = False
+        self.stats: dict[str, Any] = {}
+        self.stats_at: float | None = None
+
+    @property
+    def free_slots(self) -> int:
+        return 0 if not self.up or self.draining or self.gone else self.slots - len(self.jobs)
+
+
+class Supervisor:
+    """Starts children, dispatches jobs to the least-loaded one, settles each job once.
+
+    ``spawn(index)`` makes a child process and returns ``(process, job_fd,
+    report_fd)``; ``driver`` gives readers, writers and timers (the hub's, or
+    a thread's).
+    """
+
+    def __init__(self, *, processes: int, slots_per_child: int, limit: int,
+                 spawn: Callable[[int], tuple[Any, int, int]], driver: Any,
+                 cancel_grace_s: float, semaphore: Any = None) -> None:
+        self.processes = processes
+        self.slots_per_child = slots_per_child
+        self.limit = limit
+        self._spawn = spawn
+        self.driver = driver
+        self.cancel_grace_s = cancel_grace_s
+        self.semaphore = semaphore
+        self.children: dict[int, ChildProcess] = {}
+        self.waiting: collections.deque[Job] = collections.deque()
+        self._next_job_id = 0
+        self.accepting = True
+        self.respawn = True
+        self.cold = False
+
+    # --- children -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for index in range(self.processes):
+            self._start_child(index)
+
+    def _start_child(self, index: int) -> None:
+        process, job_fd, report_fd = self._spawn(index)
+        os.set_blocking(job_fd, False)
+        os.set_blocking(report_fd, False)
+        child = ChildProcess(index, process, job_fd, report_fd, self.slots_per_child)
+        self.children[child.pid] = child
+        self.driver.add_reader(report_fd, self._on_reports, child)
+        self.driver.add_reader(process.sentinel, self._on_exit, child)
+
+    def _on_reports(self, child: ChildProcess) -> None:
+        messages = protocol.read_available(child.report_fd, child.decoder)
+        if messages is None:
+            self.driver.remove_reader(child.report_fd)
+            return
+        for message in messages:
+            self._handle(child, message)
+
+    def _handle(self, child: ChildProcess, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == ACK:
+            self._on_ack(child, *message[1:])
+        elif kind == READY:
+            self._on_ready(child, message[1], message[2])
+        elif kind == UP:
+            child.up = True
+            self.dispatch()
+        elif kind == STATS:
+            child.stats, child.stats_at = message[1], time.monotonic()
+        elif kind == DRAINING:
+            logger.info("asyncsql child %s drains and will be replaced: %s", child.pid, message[1])
+            child.draining = True
+        elif kind == BYE:
+            child.draining = True
+
+    def _on_exit(self, child: ChildProcess) -> None:
+        """Fail the child's started jobs, re-dispatch the rest, and replace it."""
+        self.driver.remove_reader(child.process.sentinel)
+        self._on_reports(child)  # what it said before it went
+        self.driver.remove_reader(child.report_fd)
+        child.process.join(5)  # the sentinel says it is gone; this reaps it
+        exitcode = child.process.exitcode
+        child.gone = True
+        del self.children[child.pid]
+        for fd in (child.job_fd, child.report_fd):
+            os.close(fd)
+        clean = exitcode == 0 and not child.jobs
+        if not clean:
+            logger.error("asyncsql child %s exited with %s while running %d job(s)",
+                         child.pid, _exit_reason(exitcode), len(child.jobs))
+        for job in child.jobs.values():
+            if self.cold:
+                job.settle(notify=False)
+            elif job.accepted:
+                job.settle(error=WorkerLostError(
+                    f"Worker exited prematurely: {_exit_reason(exitcode)} Job: {job.id}."))
+            else:
+                job.child = None
+                self.waiting.appendleft(job)
+        child.jobs.clear()
+        if self.respawn:
+            self._start_child(child.index)
+        self.dispatch()
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def apply(self, target: Callback, args: Any, kwargs: Any, options: dict[str, Any]) -> Job:
+        self._next_job_id += 1
+        job = Job(self, self._next_job_id, target, args, kwargs, options)
+        self.waiting.append(job)
+        self.dispatch()
+        return job
+
+    def in_flight(self) -> int:
+        return sum(len(child.jobs) for child in self.children.values())
+
+    def dispatch(self) -> None:
+        """Send waiting jobs to the least-loaded children with free slots, within ``limit``."""
+        while self.waiting and self.accepting:
+            child = max(self.children.values(), key=lambda c: c.free_slots, default=None)
+            if child is None or child.free_slots <= 0 or self.in_flight() >= self.limit:
+                return
+            job = self.waiting.popleft()
+            job.child = child
+            child.jobs[job.id] = job
+            self._send(child, job.message)
+
+    def _send(self, child: ChildProcess, data: bytes) -> None:
+        if child.outbox:
+            child.outbox += data
+            return
+        written = protocol.write_some(child.job_fd, data)
+        if written < 0:
+            return  # the child is gone; its exit settles its jobs
+        if written < len(data):
+            child.outbox += data[written:]
+            self.driver.add_writer(child.job_fd, self._flush, child)
+
+    def _flush(self, child: ChildProcess) -> None:
+        written = protocol.write_some(child.job_fd, bytes(child.outbox))
+        if written > 0:
+            del child.outbox[:written]
+        if not child.outbox or written < 0:
+            child.outbox.clear()
+            self.driver.remove_writer(child.job_fd)
+
+    def _on_ack(self, child: ChildProcess, job_id: int, pid: int, time_accepted: float) -> None:
+        job = child.jobs.get(job_id)
+        if job is None or job.settled:
+            return
+        job.accepted = True
+        now = time.monotonic()
+        if job.soft_timeout:
+            self._arm(job, now + job.soft_timeout, self._on_soft_limit)
+        if job.timeout:
+            self._arm(job, now + job.timeout, self._on_hard_limit)
+        if job.accept_callback is not None:
+            try:
+                job.accept_callback(pid, time_accepted)
+            except Exception:
+                logger.exception("Accepting job %s failed", job.correlation_id)
+
+    def _arm(self, job: Job, when: float, action: Callback) -> None:
+        job.deadlines.append((when, action))
+        job.timers.append(self.driver.call_later(max(0.0, when - time.monotonic()), action, job))
+
+    def _on_ready(self, child: ChildProcess, job_id: int, outcome: Any) -> None:
+        job = child.jobs.pop(job_id, None)
+        if job is None:
+            return
+        job.cancel_timers()
+        # A no-op for a job settled here (hard limit, revoke). In a cold shutdown
+        # the message stays unacknowledged, so the broker redelivers an acks_late task.
+        job.settle(outcome, notify=not self.cold)
+        self.dispatch()
+
+    def release_slot(self) -> None:
+        if self.semaphore is not None:
+            self.semaphore.release()
+
+    # --- per-job control ------------------------------------------------------------------
+
+    def _cancel(self, job: Job, reason: str) -> None:
+        if job.child is not None and not job.child.gone:
+            self._send(job.child, protocol.encode((CANCEL, job.id, reason)))
+
+    def _on_soft_limit(self, job: Job) -> None:
+        if job.settled or job.child is None:
+            return
+        self._cancel(job, SOFT)
+        if job.timeout_callback is not None:
+            job.timeout_callback(soft=True, timeout=job.soft_timeout)
+
+    def _on_hard_limit(self, job: Job) -> None:
+        """Store ``TimeLimitExceeded`` now, as prefork does, and cancel the coroutine."""
+        if job.settled or job.child is None:
+            return
+        # Celery's on_timeout stores the failure, runs the failure hooks and acks;
+        # also calling the error callback, as billiard does, would store it twice.
+        job.settle(notify=False)
+        if job.timeout_callback is not None:
+            job.timeout_callback(soft=False, timeout=job.timeout)
+        self._cancel_or_kill(job, HARD)
+
+    def revoke(self, job: Job, signum: int) -> None:
+        """``revoke(terminate=True)``: cancel this job alone, whatever the signal."""
+        if job.settled:
+            return
+        if job.child is None:
+            self.waiting.remove(job)
+        job.settle(error=Terminated(signum))
+        if job.child is not None:
+            self._cancel_or_kill(job, REVOKE)
+
+    def _cancel_or_kill(self, job: Job, reason: str) -> None:
+        """Cancel the job's coroutine; kill its child if it is not done within the grace."""
+        child = job.child
+        assert child is not None
+        self._cancel(job, reason)
+        self.driver.call_later(self.cancel_grace_s, self._kill_if_still_running, child, job.id,
+                               reason)
+
+    def _kill_if_still_running(self, child: ChildProcess, job_id: int, reason: str) -> None:
+        if child.gone or job_id not in child.jobs:
+            return
+        logger.error("asyncsql child %s still runs job %s %ss after it was cancelled (%s): "
+                     "the task ignores cancellation or blocks its loop; killing the child",
+                     child.pid, job_id, self.cancel_grace_s, reason)
+        _kill(child.pid)
+
+    def move_to(self, driver: Any) -> None:
+        """Watch the children and run the job timers on ``driver`` instead (the hub stopped)."""
+        old, self.driver = self.driver, driver
+        for child in self.children.values():
+            for fd in (child.report_fd, child.process.sentinel):
+                old.remove_reader(fd)
+            driver.add_reader(child.report_fd, self._on_reports, child)
+            driver.add_reader(child.process.sentinel, self._on_exit, child)
+            if child.outbox:
+                old.remove_writer(child.job_fd)
+                driver.add_writer(child.job_fd, self._flush, child)
+            for job in child.jobs.values():
+                deadlines = list(job.deadlines)
+                job.cancel_timers()
+                for when, action in deadlines:
+                    self._arm(job, when, action)
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    def stop_children(self, *, cancel: bool) -> None:
+        """Send STOP to every child; with ``cancel``, cancel their jobs first (cold shutdown)."""
+        self.accepting = False
+        self.respawn = False
+        self.cold = cancel
+        for child in list(self.children.values()):
+            if cancel:
+                for job in child.jobs.values():
+                    self._send(child, protocol.encode((CANCEL, job.id, SHUTDOWN)))
+            self._send(child, protocol.encode((STOP,)))
+
+    def fail_waiting(self) -> None:
+        while self.waiting:
+            self.waiting.popleft().settle(error=WorkerLostError("The worker stopped before "
+                                                                "this job was sent to a child."))
+
+    def kill_all(self) -> None:
+        for child in list(self.children.values()):
+            _kill(child.pid)
+
+    def info(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [{"pid": child.pid, "slots": child.slots, "in-flight": len(child.jobs),
+                 "draining": child.draining,
+                 "engines": child.stats.get("engines", {}),
+                 "snapshot-age-s": None if child.stats_at is None else round(now - child.stats_at, 3)}
+                for child in self.children.values()]
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _exit_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"signal {-exitcode} ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exitcode {exitcode}"

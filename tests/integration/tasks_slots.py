@@ -1,0 +1,40 @@
+"""Tasks for several slots per child: each reports where and when it ran."""
+
+import asyncio
+import os
+import time
+
+from sqlalchemy import text
+
+from celery_asyncpool import session
+
+from .app import app
+
+
+@app.task
+async def span(seconds):
+    """Wait ``seconds`` on the loop; report the child and the interval."""
+    started = time.time()
+    await asyncio.sleep(seconds)
+    return {"child": os.getpid(), "start": started, "end": time.time()}
+
+
+@app.task
+async def db_span(seconds):
+    """Hold a pooled connection for ``seconds`` in a server-side ``pg_sleep``."""
+    started = time.time()
+    async with session() as s:
+        await s.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
+    return {"child": os.getpid(), "start": started, "end": time.time()}
+
+
+@app.task
+async def stubborn(seconds):
+    """Ignore every cancellation until ``seconds`` have passed: a task that will not stop."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            await asyncio.sleep(deadline - time.monotonic())
+        except asyncio.CancelledError:
+            continue
+    return os.getpid()

@@ -1,0 +1,207 @@
+"""Several tasks in flight per child (DESIGN.md section 4, rows 3, 9-12, 14, 16-19 with slots).
+
+Each test fixes ``asyncsql_processes`` so the layout does not depend on the
+machine's CPU count: ``-c`` slots spread over that many children.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from contextlib import contextmanager
+
+import pytest
+from billiard.exceptions import WorkerLostError
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+from . import tasks_slots as ts
+from .app import app
+from .conftest import eventually, pg_connections
+
+INCLUDE = "tests.integration.tasks,tests.integration.tasks_slots"
+
+
+@contextmanager
+def slot_worker(worker_factory, slots, processes, conf=None, **kwargs):
+    """A worker whose ``processes`` children have all reported for work."""
+    with worker_factory(concurrency=slots, include=INCLUDE,
+                        conf={"asyncsql_processes": processes, **(conf or {})},
+                        **kwargs) as worker:
+        eventually(lambda: len(_reporting_children(worker)) == processes, 20,
+                   f"{processes} children up")
+        yield worker
+
+
+def _reporting_children(worker) -> list[dict]:
+    stats = app.control.inspect(destination=[worker.hostname], timeout=2).stats() or {}
+    children = stats.get(worker.hostname, {}).get("pool", {}).get("asyncsql", {}).get(
+        "children", [])
+    return [c for c in children if c["snapshot-age-s"] is not None]
+
+
+def most_at_once(intervals) -> int:
+    """The largest number of ``(start, end)`` intervals that overlap at one moment."""
+    edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals],
+                   key=lambda edge: (edge[0], edge[1]))
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+# --- row 3: slots x sleep(1) finish in about 1 s, no child above its slots ---------------------
+
+def test_slots_run_at_once_and_no_child_runs_more_than_its_slots(worker_factory):
+    with slot_worker(worker_factory, slots=8, processes=2) as worker:
+        children = worker.wait_for_children(2)
+        [worker.send(ts.span, 0).get(timeout=30) for _ in range(4)]  # warm
+        started = time.monotonic()
+        results = [worker.send(ts.span, 1) for _ in range(16)]
+        done = [r.get(timeout=30) for r in results]
+        elapsed = time.monotonic() - started
+        assert elapsed < 3.5, f"16 one-second tasks on 8 slots took {elapsed:.1f}s"
+        assert {d["child"] for d in done} == set(children)
+        for child in children:
+            mine = [(d["start"], d["end"]) for d in done if d["child"] == child]
+            assert most_at_once(mine) <= 4, f"child {child} ran more than its 4 slots"
+        assert most_at_once([(d["start"], d["end"]) for d in done]) == 8
+
+
+def test_no_task_waits_behind_a_busy_child_while_another_has_room(worker_factory):
+    with slot_worker(worker_factory, slots=4, processes=2) as worker:
+        worker.wait_for_children(2)
+        long = [worker.send(ts.span, 4) for _ in range(2)]
+        time.sleep(0.5)
+        short = [worker.send(ts.span, 0.2) for _ in range(2)]
+        ends = [r.get(timeout=30)["end"] for r in short]
+        long_done = [r.get(timeout=30) for r in long]
+        assert {d["child"] for d in long_done} == set(worker.children()), \
+            "the two long tasks went to different children"
+        assert max(ends) < min(d["end"] for d in long_done) - 2, "a short task waited"
+
+
+# --- rows 10-12 with siblings in the same child ------------------------------------------------
+
+@pytest.mark.parametrize("interrupt", ["soft", "hard", "revoke"])
+def test_limits_and_revoke_hit_only_their_task_in_a_shared_child(worker_factory, interrupt):
+    with slot_worker(worker_factory, slots=3, processes=1) as worker:
+        [child] = worker.wait_for_children(1)
+        options = {"soft": {"soft_time_limit": 1}, "hard": {"time_limit": 1},
+                   "revoke": {}}[interrupt]
+        target = worker.send(ts.span, 30, **options)
+        siblings = [worker.send(ts.span, 2.5) for _ in range(2)]
+        eventually(lambda: _inspect_active(worker) == 3, 10, "all three running")
+        if interrupt == "revoke":
+            app.control.revoke(target.id, terminate=True, signal="SIGKILL",
+                               destination=[worker.hostname], reply=True, timeout=10)
+        expected = {"soft": SoftTimeLimitExceeded, "hard": TimeLimitExceeded}.get(interrupt)
+        if expected is None:
+            eventually(lambda: app.backend.get_task_meta(target.id, cache=False)["status"]
+                       == "REVOKED", 20, "target REVOKED")
+        else:
+            with pytest.raises(expected):
+                target.get(timeout=20)
+        assert [s.get(timeout=20)["child"] for s in siblings] == [child, child]
+        assert worker.children() == [child], "the shared child was kept"
+        if interrupt == "revoke":
+            time.sleep(1)
+            assert app.backend.get_task_meta(target.id, cache=False)["status"] == "REVOKED"
+
+
+def _inspect_active(worker) -> int:
+    active = app.control.inspect(destination=[worker.hostname], timeout=2).active() or {}
+    return len(active.get(worker.hostname, []))
+
+
+def test_a_task_that_ignores_cancellation_gets_its_child_replaced(worker_factory):
+    with slot_worker(worker_factory, slots=2, processes=1,
+                     conf={"asyncsql_cancel_grace_s": 1}) as worker:
+        [child] = worker.wait_for_children(1)
+        target = worker.send(ts.stubborn, 30, time_limit=1)
+        sibling = worker.send(ts.span, 30)
+        with pytest.raises(TimeLimitExceeded):
+            target.get(timeout=20)
+        with pytest.raises(WorkerLostError):
+            sibling.get(timeout=20)
+        [replacement] = worker.wait_for_children(1)
+        assert replacement != child
+        assert worker.send(ts.span, 0).get(timeout=20)["child"] == replacement
+        assert "ignores cancellation or blocks its loop" in worker.logs()
+
+
+# --- row 9: a child killed with several jobs in flight -----------------------------------------
+
+def test_killed_child_fails_each_of_its_jobs_and_leaves_the_other_child(worker_factory):
+    with slot_worker(worker_factory, slots=6, processes=2) as worker:
+        children = worker.wait_for_children(2)
+        running = [worker.send(ts.span, 5) for _ in range(6)]
+        eventually(lambda: _inspect_active(worker) == 6, 10, "six running")
+        victim = children[0]
+        os.kill(victim, signal.SIGKILL)
+        lost, kept = 0, 0
+        for result in running:
+            try:
+                assert result.get(timeout=30)["child"] != victim
+                kept += 1
+            except WorkerLostError:
+                lost += 1
+        assert (lost, kept) == (3, 3)
+        now = worker.wait_for_children(2)
+        assert victim not in now and children[1] in now
+
+
+# --- row 14: max_tasks_per_child with several slots -----------------------------------------
+
+def test_max_tasks_per_child_replaces_children_without_a_stall_or_a_lost_task(worker_factory):
+    with slot_worker(worker_factory, slots=6, processes=2,
+                     args=("--max-tasks-per-child", "5")) as worker:
+        first = worker.wait_for_children(2)
+        started = time.monotonic()
+        results = [worker.send(ts.span, 0.2) for _ in range(40)]
+        done = [r.get(timeout=60) for r in results]
+        elapsed = time.monotonic() - started
+        seen = {d["child"] for d in done}
+        assert len(seen) >= 6 and not set(first) >= seen, "children were replaced"
+        assert elapsed < 20, f"40 short tasks took {elapsed:.1f}s: a recycle stalled"
+        assert len(worker.wait_for_children(2)) == 2
+
+
+# --- rows 16-18: prefetch, inspect stats and active --------------------------------------------
+
+def test_prefetch_stats_and_active_count_slots(worker_factory):
+    with slot_worker(worker_factory, slots=6, processes=2,
+                     conf={"worker_prefetch_multiplier": 3}) as worker:
+        children = worker.wait_for_children(2)
+        running = [worker.send(ts.db_span, 3) for _ in range(6)]
+        eventually(lambda: _inspect_active(worker) == 6, 10, "every slot busy")
+        time.sleep(1.5)  # a snapshot from each child
+        stats = app.control.inspect(destination=[worker.hostname], timeout=5).stats()
+        mine = stats[worker.hostname]
+        assert mine["prefetch_count"] == 18, "prefetch = slots x multiplier"
+        pool = mine["pool"]
+        assert pool["max-concurrency"] == 6 and sorted(pool["processes"]) == children
+        per_child = {c["pid"]: c for c in pool["asyncsql"]["children"]}
+        assert set(per_child) == set(children)
+        for child in per_child.values():
+            assert child["slots"] == 3 and child["in-flight"] == 3
+            assert child["engines"]["default"]["checked_out"] == 3
+            assert child["snapshot-age-s"] < 2
+        assert pool["asyncsql"]["connection-budget"] == {"default": 6}
+        [r.get(timeout=20) for r in running]
+
+
+# --- row 19: warm shutdown with every slot busy ------------------------------------------------
+
+def test_warm_shutdown_finishes_every_task_in_flight_and_closes_connections(worker_factory):
+    with slot_worker(worker_factory, slots=6, processes=2,
+                     conf={"task_acks_late": True}) as worker:
+        worker.wait_for_children(2)
+        running = [worker.send(ts.db_span, 2) for _ in range(6)]
+        eventually(lambda: _inspect_active(worker) == 6, 10, "every slot busy")
+        assert worker.stop() == 0
+        assert all(r.get(timeout=10)["end"] for r in running)
+        assert pg_connections(worker.app_name) == 0
+        redelivered = app.connection_for_read().default_channel.client.llen(worker.queue)
+        assert redelivered == 0, "acks_late acks flushed before the worker exited"
