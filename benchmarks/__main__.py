@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> None:
     for url in (BROKER_URL, BACKEND_URL):
         redis.Redis.from_url(url).flushdb()
     if args.profile:
-        profile.record(next(s for s in scenarios if s.name == "asyncsql"), counts["tiny"],
-                       args.out)
+        name, _, workload = args.profile.partition(":")
+        scenario = next((s for s in scenarios if s.name == name), None)
+        if scenario is None or workload not in scenario.workloads:
+            raise SystemExit(f"--profile {args.profile}: expected SCENARIO:WORKLOAD, "
+                             "e.g. asyncsql:tiny or asyncsql-100:io")
+        profile.record(scenario, workload, counts[workload], args.out)
         return
     batches: list[Batch] = []
     for round_ in range(1, args.rounds + 1):
@@ -55,7 +59,9 @@ def _measure(scenario: Scenario, round_: int, counts: dict[str, int], logs: Path
     with running_worker(scenario, round_, logs) as worker:
         for workload in scenario.workloads:
             worker.warm_up(workload)
-            count = counts[workload]
+            # At least 10 tasks per slot: a batch must be long next to the time
+            # a worker with many slots takes to fill them.
+            count = max(counts[workload], 10 * scenario.concurrency)
             batch = worker.run_batch(workload, count, round_, timeout_s=60 + count / 5)
             print(f"round {round_} {scenario.name:>13} {workload:>5}: "
                   f"{batch.throughput:7.0f} tasks/s, {batch.failures} failed, "
@@ -77,8 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="only these scenarios (and the baselines they are compared to)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                         help="folder for results.md, results.json, throughput.png and logs")
-    parser.add_argument("--profile", action="store_true",
-                        help="instead of the rounds, profile -P asyncsql running tiny with py-spy")
+    parser.add_argument("--profile", metavar="SCENARIO:WORKLOAD", nargs="?",
+                        const="asyncsql:tiny",
+                        help="instead of the rounds, profile one scenario's workload with py-spy "
+                             "(default asyncsql:tiny)")
     return parser
 
 

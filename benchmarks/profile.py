@@ -1,8 +1,8 @@
-"""Profile the per-task path of ``-P asyncsql`` with py-spy while it runs the ``tiny`` workload.
+"""Profile a scenario's worker with py-spy while it runs one workload (``--profile``).
 
-Writes the collapsed stacks (``profile-asyncsql-tiny.txt``, loadable in
+Writes the collapsed stacks (``profile-SCENARIO-WORKLOAD.txt``, loadable in
 speedscope) and a summary of where the children's time goes
-(``profile-asyncsql-tiny.md``): the frames with the largest inclusive and
+(``profile-SCENARIO-WORKLOAD.md``): the frames with the largest inclusive and
 self share of samples, per thread.
 """
 
@@ -19,30 +19,36 @@ from .scenarios import Scenario
 from .worker import running_worker
 
 TOP = 30
-WORK_LOOP = "Worker.workloop (billiard/"
+# Where the per-task path starts: a child's event loop (or billiard's work loop
+# under prefork), the worker's consumer loop in the parent.
+WORK_LOOPS = ("BaseEventLoop._run_once (asyncio/", "Worker.workloop (billiard/",
+              "asynloop (celery/worker/loops.py")
 
 
-def record(scenario: Scenario, tasks: int, out: Path) -> None:
+def record(scenario: Scenario, workload: str, tasks: int, out: Path) -> None:
     py_spy = shutil.which("py-spy")
     if py_spy is None:
         raise SystemExit("py-spy is not installed: pip install -e '.[bench]'")
     out.mkdir(parents=True, exist_ok=True)
-    stacks = out / "profile-asyncsql-tiny.txt"
+    stacks = out / f"profile-{scenario.name}-{workload}.txt"
     with running_worker(scenario, 0, out / "logs") as worker:
-        worker.warm_up("tiny")
+        worker.warm_up(workload)
         spy = subprocess.Popen([py_spy, "record", "--pid", str(worker.process.pid),
                                 "--subprocesses", "--threads", "--rate", "200", "--format", "raw",
                                 "--output", str(stacks)], stdout=subprocess.DEVNULL)
         try:
             worker.warm_up("noop")  # gives py-spy time to attach before the batch
-            batch = worker.run_batch("tiny", tasks, 0, timeout_s=60 + tasks / 5)
+            batch = worker.run_batch(workload, tasks, 0, timeout_s=60 + tasks / 5)
         finally:
             spy.send_signal(signal.SIGINT)
             spy.wait(60)
-    children = _pids(stacks.read_text()) - {worker.process.pid}
-    summary = summarize(stacks.read_text(), children)
-    (out / "profile-asyncsql-tiny.md").write_text(
-        f"# Profile: -P asyncsql -c {scenario.concurrency}, tiny, {tasks} tasks at "
+    collapsed = stacks.read_text()
+    children = _pids(collapsed) - {worker.process.pid}
+    summary = (f"# Children\n\n{summarize(collapsed, children)}\n"
+               f"# Parent (the worker's main process)\n\n"
+               f"{summarize(collapsed, {worker.process.pid})}")
+    (out / f"profile-{scenario.name}-{workload}.md").write_text(
+        f"# Profile: {scenario.summary}; {workload}, {tasks} tasks at "
         f"{batch.throughput:.0f} tasks/s\n\n{summary}")
     print(summary)
 
@@ -54,8 +60,8 @@ def _pids(collapsed: str) -> set[int]:
 def summarize(collapsed: str, pids: set[int]) -> str:
     """Inclusive and self sample shares per thread of the processes ``pids``.
 
-    Inclusive shares count the frames below billiard's work loop, where the
-    per-task path starts.
+    Inclusive shares count the frames below the work loop (``WORK_LOOPS``),
+    where the per-task path starts.
     """
     inclusive: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     own: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
@@ -75,9 +81,9 @@ def summarize(collapsed: str, pids: set[int]) -> str:
         count = int(count_text)
         totals[thread] += count
         frames = frames[depth + 1:]
-        # Only the per-task path: what sits below billiard's work loop.
+        # Only the per-task path: what sits below the work loop.
         for start, frame in enumerate(frames):
-            if frame.startswith(WORK_LOOP):
+            if frame.startswith(WORK_LOOPS):
                 frames = frames[start + 1:] or [frame]
                 break
         for frame in set(frames):

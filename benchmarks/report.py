@@ -166,7 +166,7 @@ def chart(run: Run, path: Path, when: str) -> None:
         mine = [r for r in rows if r["workload"] == workload]
         names = [str(r["scenario"]) for r in mine]
         values = [float(r["throughput"]) for r in mine]  # type: ignore[arg-type]
-        colours = ["tab:green" if n == "asyncsql" else "tab:grey" for n in names]
+        colours = ["tab:green" if n.startswith("asyncsql") else "tab:grey" for n in names]
         axis.barh(names, values, color=colours)
         axis.invert_yaxis()
         axis.set_title(f"{workload}: tasks/s")
