@@ -149,9 +149,9 @@ class Worker:
 def run_worker(tmp_path: Path, *, pool: str = "asyncsql", concurrency: int = 2,
                conf: dict | None = None, args: tuple[str, ...] = (),
                include: str = "tests.integration.tasks", env: dict | None = None,
-               ready: bool = True) -> Iterator[Worker]:
-    """Start a worker, wait until it is ready, and always stop it afterwards."""
-    queue = f"itest-{uuid.uuid4().hex[:10]}"
+               ready: bool = True, queue: str | None = None) -> Iterator[Worker]:
+    """Start a worker (on a new queue unless given one), wait until it is ready, stop it."""
+    queue = queue or f"itest-{uuid.uuid4().hex[:10]}"
     app_name = queue
     log_path = tmp_path / f"{queue}.log"
     environment = {

@@ -205,3 +205,22 @@ def test_warm_shutdown_finishes_every_task_in_flight_and_closes_connections(work
         assert pg_connections(worker.app_name) == 0
         redelivered = app.connection_for_read().default_channel.client.llen(worker.queue)
         assert redelivered == 0, "acks_late acks flushed before the worker exited"
+
+
+# --- row 20: cold shutdown with every slot busy ------------------------------------------------
+
+def test_cold_shutdown_cancels_tasks_in_flight_and_acks_late_ones_are_redelivered(
+        worker_factory):
+    conf = {"task_acks_late": True}
+    with slot_worker(worker_factory, slots=4, processes=2, conf=conf) as worker:
+        running = [worker.send(ts.db_span, 3) for _ in range(4)]
+        eventually(lambda: _inspect_active(worker) == 4, 10, "every slot busy")
+        started = time.monotonic()
+        worker.stop(signal.SIGQUIT, timeout_s=30)
+        assert time.monotonic() - started < 10, "cold shutdown waited for the tasks"
+        assert pg_connections(worker.app_name) == 0, "engines disposed on the way out"
+        assert all(r.state == "PENDING" for r in running), "nothing stored for cancelled tasks"
+    with worker_factory(concurrency=4, include=INCLUDE, conf={"asyncsql_processes": 2, **conf},
+                        queue=worker.queue):
+        done = [r.get(timeout=60) for r in running]
+        assert len({d["start"] for d in done}) == 4, "each redelivered task ran again"
