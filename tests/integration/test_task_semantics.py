@@ -17,22 +17,25 @@ from .conftest import run_worker
 INCLUDE = "tests.integration.tasks,tests.integration.tasks_semantics"
 
 
-@pytest.fixture(scope="module", params=["asyncsql", "prefork"])
+@pytest.fixture(scope="module", params=["asyncsql", "asyncsql-one-child", "prefork"])
 def pool(request):
+    """``asyncsql-one-child``: 8 slots in a single child, so the tasks interleave on one loop."""
     return request.param
 
 
 @pytest.fixture(scope="module")
 def worker(pool, tmp_path_factory):
-    with run_worker(tmp_path_factory.mktemp(pool), pool=pool, concurrency=2,
-                    include=INCLUDE) as started:
+    one_child = pool == "asyncsql-one-child"
+    with run_worker(tmp_path_factory.mktemp(pool), pool=pool.split("-")[0],
+                    concurrency=8 if one_child else 2, include=INCLUDE,
+                    conf={"asyncsql_processes": 1} if one_child else None) as started:
         yield started
 
 
 @pytest.fixture
 def twin(pool):
     """The task named ``name`` for this pool: ``async_<name>``, or ``sync_<name>`` for prefork."""
-    prefix = "async" if pool == "asyncsql" else "sync"
+    prefix = "sync" if pool == "prefork" else "async"
     return lambda name: getattr(ts, f"{prefix}_{name}")
 
 
