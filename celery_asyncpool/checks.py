@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,21 @@ def run_check(app: Any, slots: int, *, echo: Callable[[str], Any]) -> list[str]:
     return _probe(settings, sizing, echo)
 
 
-def _probe(settings: Settings, sizing: Sizing, echo: Callable[[str], Any]) -> list[str]:
+STARTUP_PROBE_TIMEOUT_S = 5.0
+
+
+def startup_warnings(settings: Settings, sizing: Sizing) -> list[str]:
+    """What a worker should warn about at start-up: a database it cannot reach, or a
+    connection budget above the server's ``max_connections``.
+
+    Runs before any child is forked, on a loop thread that is gone when it
+    returns; each database gets at most ``STARTUP_PROBE_TIMEOUT_S``.
+    """
+    return _probe(settings, sizing, lambda _: None, timeout_s=STARTUP_PROBE_TIMEOUT_S)
+
+
+def _probe(settings: Settings, sizing: Sizing, echo: Callable[[str], Any],
+           timeout_s: float | None = None) -> list[str]:
     runtime = Runtime(settings, sizing, name="asyncsql-check")
     problems: list[str] = []
     try:
@@ -46,10 +61,18 @@ def _probe(settings: Settings, sizing: Sizing, echo: Callable[[str], Any]) -> li
     try:
         for database in settings.databases:
             budget = connections_per_process(database, sizing) * sizing.processes
-            problems += runtime.run(_probe_one(runtime, database.name, budget, echo))
+            probe = _probe_one(runtime, database.name, budget, echo)
+            problems += runtime.run(_within(probe, timeout_s, database.name))
     finally:
         runtime.stop(run_hooks=False)
     return problems
+
+
+async def _within(probe: Any, timeout_s: float | None, name: str) -> list[str]:
+    try:
+        return await asyncio.wait_for(probe, timeout_s)
+    except asyncio.TimeoutError:
+        return [f"Database {name!r} did not answer within {timeout_s}s."]
 
 
 async def _probe_one(runtime: Runtime, name: str, budget: int,

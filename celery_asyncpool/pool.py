@@ -18,6 +18,7 @@ from celery.concurrency import prefork
 from celery.concurrency.base import BasePool
 from kombu.asynchronous import get_event_loop
 
+from .checks import startup_warnings
 from .config import Settings
 from .database import Sizing, check_engine_options, connections_per_process
 from .driver import LoopDriver
@@ -53,6 +54,9 @@ class TaskPool(BasePool):  # type: ignore[misc]
         logger.info("asyncsql pool: %d processes, %d task slot(s) each; database "
                     "connections at most %s", self.processes, self.slots_per_child,
                     self._budget())
+        for warning in startup_warnings(self.settings, self.sizing):
+            logger.warning("asyncsql pool at start-up: %s The worker runs on; "
+                           "`celery asyncsql check` tells more.", warning)
         self._hub = None if self.options.get("threads", True) else get_event_loop()
         self._driver = self._hub if self._hub is not None else LoopDriver()
         self._supervisor = Supervisor(

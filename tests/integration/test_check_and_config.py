@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from . import tasks
 from .conftest import ROOT
 
 
@@ -53,3 +54,21 @@ def test_a_worker_with_a_bad_setting_fails_at_start_up_naming_it(conf, message):
     assert done.returncode != 0
     assert message in done.stdout + done.stderr
     assert "pw@" not in done.stdout + done.stderr
+
+
+def test_a_worker_warns_at_start_up_when_its_budget_exceeds_max_connections(worker_factory):
+    conf = {"asyncsql_engine_options": {"pool_size": 1000}}
+    with worker_factory(concurrency=2, conf=conf) as worker:
+        worker.wait_for_log("asyncsql pool at start-up: Database 'default': the worker may open "
+                            "2000 connections, above the server's max_connections")
+        assert worker.send(tasks.async_add, 1, 2).get(timeout=30) == 3
+
+
+def test_a_worker_starts_and_says_so_when_its_database_is_unreachable(worker_factory):
+    url = "postgresql+asyncpg://postgres:hunter2@127.0.0.1:1/test"
+    with worker_factory(concurrency=2, env={"ITEST_DATABASE_URL": url}) as worker:
+        worker.wait_for_log("asyncsql pool at start-up: Database 'default' "
+                            "(postgresql+asyncpg://postgres:***@127.0.0.1:1/test) cannot be "
+                            "reached")
+        assert worker.send(tasks.async_add, 1, 2).get(timeout=30) == 3, "tasks without it run"
+        assert "hunter2" not in worker.logs()
