@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from contextlib import nullcontext
 from typing import Any
 
 from billiard import get_context
@@ -93,8 +94,7 @@ class TaskPool(BasePool):  # type: ignore[misc]
 
     def on_apply(self, target: Any, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
         assert self._supervisor is not None
-        options.setdefault("timeout", None)
-        options["timeout"] = options["timeout"] or self.options.get("timeout")
+        options["timeout"] = options.get("timeout") or self.options.get("timeout")
         options["soft_timeout"] = options.get("soft_timeout") or self.options.get("soft_timeout")
         with self._lock():
             return self._supervisor.apply(target, args or (), kwargs or {}, options)
@@ -117,7 +117,7 @@ class TaskPool(BasePool):  # type: ignore[misc]
                 self._supervisor.limit = self.limit
 
     def _lock(self) -> Any:
-        return self._driver.lock if isinstance(self._driver, LoopDriver) else _NO_LOCK
+        return self._driver.lock if isinstance(self._driver, LoopDriver) else nullcontext()
 
     # --- stop -----------------------------------------------------------------------------
 
@@ -190,17 +190,6 @@ class TaskPool(BasePool):  # type: ignore[misc]
             "connection-budget": self._budget(),
         }
         return info
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
 
 
 def _child_entry(parent_fds: list[int], *args: Any) -> None:

@@ -230,14 +230,16 @@ class Supervisor:
 
     def dispatch(self) -> None:
         """Send waiting jobs to the least-loaded children with free slots, within ``limit``."""
-        while self.waiting and self.accepting:
+        room = self.limit - self.in_flight()
+        while self.waiting and self.accepting and room > 0:
             child = max(self.children.values(), key=lambda c: c.free_slots, default=None)
-            if child is None or child.free_slots <= 0 or self.in_flight() >= self.limit:
+            if child is None or child.free_slots <= 0:
                 return
             job = self.waiting.popleft()
             job.child = child
             child.jobs[job.id] = job
             self._send(child, job.message)
+            room -= 1
 
     def _send(self, child: ChildProcess, data: bytes) -> None:
         if child.outbox:
@@ -282,7 +284,6 @@ class Supervisor:
         job = child.jobs.pop(job_id, None)
         if job is None:
             return
-        job.cancel_timers()
         # A no-op for a job settled here (hard limit, revoke). In a cold shutdown
         # the message stays unacknowledged, so the broker redelivers an acks_late task.
         job.settle(outcome, notify=not self.cold)
