@@ -116,10 +116,10 @@ class Worker:
 
     def wait_for_children(self, count: int, timeout_s: float = 20) -> list[int]:
         deadline = time.monotonic() + timeout_s
-        while len(self.children()) != count:
-            assert time.monotonic() < deadline, f"children {self.children()} != {count}"
+        while len(children := self.children()) != count:
+            assert time.monotonic() < deadline, f"children {children} != {count}"
             time.sleep(0.1)
-        return self.children()
+        return children  # the snapshot that matched: a recycling child may go right after
 
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
         """Send ``sig`` (warm shutdown by default) and wait for the worker to exit."""
