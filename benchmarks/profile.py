@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from .scenarios import Scenario
@@ -26,7 +27,8 @@ WORK_LOOPS = ("BaseEventLoop._run_once (asyncio/", "Worker.workloop (billiard/",
 
 
 def record(scenario: Scenario, workload: str, tasks: int, out: Path) -> None:
-    py_spy = shutil.which("py-spy")
+    # scripts/benchmark runs the venv's python without activating the venv.
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if py_spy is None:
         raise SystemExit("py-spy is not installed: pip install -e '.[bench]'")
     out.mkdir(parents=True, exist_ok=True)
