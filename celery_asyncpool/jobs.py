@@ -7,7 +7,9 @@ READY, DRAINING, STATS and BYE up the other (``protocol``).
 An async job's tracer runs in a greenlet on the loop thread and its body as a
 Task of its own (``greenlets``), so a CANCEL hits that one body. Sync jobs run
 one at a time on a thread of their own, never on the loop; of the CANCEL
-reasons only the soft time limit reaches them.
+reasons only the soft time limit reaches them. While jobs are served, a
+``watchdog`` thread warns when the loop stops running, naming the job whose
+Task blocks it.
 
 Invariants: every job read from the pipe is run and gets one READY, a job
 read after DRAINING or STOP too; its ACK comes first, when it starts; the
@@ -22,6 +24,7 @@ import ctypes
 import functools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +45,7 @@ from .errors import ChildStartError
 from .protocol import ACK, BYE, CANCEL, CANCEL_REASONS, DRAINING, JOB, READY, SOFT, STATS, \
     STOP, UP
 from .task import install_bridges
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -69,6 +73,9 @@ def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: i
     dispose_inherited_engines()
     forget_inherited_loops()
     settings = Settings.from_conf(app.conf)
+    if settings.switch_interval_s is not None:
+        # Before worker_process_init, whose handlers may set their own.
+        sys.setswitchinterval(settings.switch_interval_s)
     runtime = Runtime(settings, Sizing(slots, processes, settings.connection_cap),
                       own_thread=False)
     prefork.process_initializer(app, hostname)
@@ -115,11 +122,13 @@ class ReportPipe:
 class _Job:
     """One job read from the pipe: its tracer call, and for an async task the tracer greenlet."""
 
-    __slots__ = ("call", "id", "runner", "tracer")
+    __slots__ = ("call", "id", "runner", "task", "tracer")
 
-    def __init__(self, job_id: int, call: Callable[[], Outcome], is_async: bool) -> None:
+    def __init__(self, job_id: int, call: Callable[[], Outcome], is_async: bool,
+                 task: str) -> None:
         self.id = job_id
         self.call = call
+        self.task = task  # "name[id]", for the loop watchdog
         self.tracer = greenlets.Tracer(call) if is_async else None
         self.runner: asyncio.Task[None] | None = None  # held: the loop keeps Tasks weakly
 
@@ -155,6 +164,7 @@ class JobServer:
         os.set_blocking(self._job_fd, False)
         self._loop.add_reader(self._job_fd, self._read_jobs)
         stats = self._loop.create_task(self._report_stats())
+        watchdog = self._start_watchdog()
         try:
             while True:
                 await self._idle.wait()
@@ -166,6 +176,8 @@ class JobServer:
             self._loop.remove_reader(self._job_fd)
             stats.cancel()
             self._sync.close()
+            if watchdog is not None:
+                watchdog.stop()
 
     def snapshot(self) -> dict[str, Any]:
         """Jobs in flight and engine pool use, JSON-friendly (for ``inspect stats``)."""
@@ -174,6 +186,24 @@ class JobServer:
             name: _pool_use(engine.pool) for name, engine in databases.engines.items()}
         return {"pid": self._pid, "slots": self._slots, "in_flight": len(self._jobs),
                 "engines": engines}
+
+    def _start_watchdog(self) -> Watchdog | None:
+        threshold_s = self._runtime.settings.loop_block_warning_s
+        if threshold_s is None:
+            return None
+        watchdog = Watchdog(self._loop, threshold_s, self._describe)
+        watchdog.start()
+        return watchdog
+
+    def _describe(self, running: asyncio.Task[Any] | None) -> str:
+        """The job whose Task ``running`` is (its tracer's or its body's), for the watchdog.
+
+        Called from the watchdog's thread while the loop is blocked.
+        """
+        for job in list(self._jobs.values()):  # list(): one step, safe from another thread
+            if running is not None and running in (job.runner, getattr(job.tracer, "body", None)):
+                return f"task {job.task} (job {job.id})"
+        return f"no task of this child ({running!r})"
 
     # --- messages from the parent ---------------------------------------------------------
 
@@ -202,7 +232,8 @@ class JobServer:
                            "running it anyway. The parent must send at most %d at once.",
                            job_id, self._slots, self._slots)
         is_async = bool(args) and args[0] in self._async_tasks  # args[0]: the task's name
-        job = _Job(job_id, functools.partial(target, *args, **kwargs), is_async)
+        job = _Job(job_id, functools.partial(target, *args, **kwargs), is_async,
+                   _task_label(args))
         self._jobs[job_id] = job
         if is_async:
             self._ack(job_id, time.monotonic())
@@ -356,6 +387,13 @@ def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> None
     """Raise ``exc_type`` in thread ``thread_id`` at its next instruction; None cancels that."""
     ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(thread_id), None if exc_type is None else ctypes.py_object(exc_type))
+
+
+def _task_label(args: tuple[Any, ...]) -> str:
+    """``name[id]`` from the tracer's arguments (name, id, request, body, ...)."""
+    name = args[0] if args else "?"
+    task_id = args[1] if len(args) > 1 else "?"
+    return f"{name}[{task_id}]"
 
 
 def _failure(exc: BaseException) -> tuple[int, ExceptionInfo, float]:

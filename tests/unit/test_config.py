@@ -15,6 +15,11 @@ def test_defaults_without_any_setting():
     assert settings.processes is None
     assert settings.databases == ()
     assert settings.connection_cap == 80
+    assert settings.loop_block_warning_s == 1.0
+
+
+def test_the_loop_watchdog_can_be_turned_off():
+    assert Settings.from_conf({"asyncsql_loop_block_warning_s": None}).loop_block_warning_s is None
 
 
 def test_unknown_key_suggests_the_closest_and_lists_the_known():
@@ -34,6 +39,8 @@ def test_other_settings_are_not_ours_to_judge():
     ("asyncsql_connection_cap", 0, "a whole number >= 1"),
     ("asyncsql_hook_timeout_s", 0, r"a number of seconds > 0"),
     ("asyncsql_cancel_grace_s", -1, r"a number of seconds >= 0"),
+    ("asyncsql_loop_block_warning_s", 0, r"a number of seconds > 0, or None"),
+    ("asyncsql_loop_block_warning_s", "1", r"a number of seconds > 0, or None"),
     ("asyncsql_engine_options", ["pool_size"], "a dict"),
     ("asyncsql_database_url", 5, "an async SQLAlchemy URL"),
 ])
