@@ -101,13 +101,14 @@ def sync_timed_sleep(seconds):
     return {"child": os.getpid(), "started": started, "finished": time.time()}
 
 
-# --- row 22: fork evidence ------------------------------------------------------------------
+# --- row 22: fork or spawn evidence -------------------------------------------------------
 
 @app.task
 async def fork_evidence():
     await asyncio.sleep(0)
     return {"import_pid": IMPORT_PID, "pid": os.getpid(), "ppid": os.getppid(),
-            "thread": threading.current_thread().name}
+            "thread": threading.current_thread().name,
+            "fresh_interpreter": os.environ.get("FORKED_BY_MULTIPROCESSING") == "1"}
 
 
 # --- row 23: the user's own engine, built at import, before fork -------------------------------
