@@ -101,6 +101,20 @@ def sync_timed_sleep(seconds):
     return {"child": os.getpid(), "started": started, "finished": time.time()}
 
 
+# --- row 20: worker_soft_shutdown_timeout, the same sleepers with acks_late ------------------
+
+@app.task(acks_late=True)
+async def db_sleep_late(seconds):
+    """``db_sleep``, acked only once done: a cancelled run goes back to the queue."""
+    return await db_sleep.run(seconds)
+
+
+@app.task(acks_late=True)
+def sync_timed_sleep_late(seconds):
+    """``db_sleep_late`` for stock prefork."""
+    return sync_timed_sleep.run(seconds)
+
+
 # --- row 22: fork or spawn evidence -------------------------------------------------------
 
 @app.task

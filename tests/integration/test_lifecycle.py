@@ -1,4 +1,4 @@
-"""Rows 1 (rest), 14, 15, 19, 22 and 23 of DESIGN.md: how children and workers live and die.
+"""Rows 1 (rest), 14, 15, 19, 20, 22 and 23 of DESIGN.md: how children and workers live and die.
 
 Where the row says "as prefork", the same test runs against stock prefork with a
 sync twin of the task, and both must behave alike.
@@ -195,6 +195,51 @@ def test_warm_shutdown_finishes_and_acks_tasks_in_flight(worker_factory, pool, t
         logs = worker.logs()
         for child in children:
             assert f"lifecycle-pool-close pid={child}" in logs, "engine disposed by its child"
+        assert_clean_log(worker)
+
+
+# --- row 20: worker_soft_shutdown_timeout, then a cold shutdown -------------------------------
+
+SOFT_SHUTDOWN_S = 3
+
+
+def queued_task_ids(queue):
+    return {json.loads(raw)["headers"]["id"] for raw in broker_redis().lrange(queue, 0, -1)}
+
+
+@pytest.mark.parametrize("pool,early,late", [
+    ("asyncsql", tasks_lifecycle.db_sleep, tasks_lifecycle.db_sleep_late),
+    ("prefork", tasks_lifecycle.sync_timed_sleep, tasks_lifecycle.sync_timed_sleep_late)])
+def test_soft_shutdown_timeout_lets_short_tasks_finish_then_cancels_long_ones(
+        worker_factory, pool, early, late):
+    conf = {"worker_soft_shutdown_timeout": SOFT_SHUTDOWN_S, "task_track_started": True,
+            "asyncsql_processes": 1}  # every task in one child
+    with worker_factory(pool=pool, concurrency=4, include=INCLUDE, conf=conf) as worker:
+        short = [worker.send(early, 1), worker.send(late, 1)]
+        long_early, long_late = worker.send(early, 60), worker.send(late, 60)
+        everything = [*short, long_early, long_late]
+        eventually(lambda: all(r.state == "STARTED" for r in everything), what="all started")
+        if pool == "asyncsql":
+            assert len({r.info["pid"] for r in everything}) == 1, "all in one child"
+        sigquit_at = time.time()
+        started = time.monotonic()
+        worker.stop(signal.SIGQUIT, timeout_s=60)
+        elapsed = time.monotonic() - started
+
+    assert SOFT_SHUTDOWN_S <= elapsed < SOFT_SHUTDOWN_S + 15, elapsed
+    # The short tasks finished within the timeout, were stored and acked.
+    assert [r.state for r in short] == ["SUCCESS", "SUCCESS"], [r.info for r in short]
+    for result in short:
+        assert sigquit_at < result.info["finished"] < sigquit_at + SOFT_SHUTDOWN_S
+    assert not {r.id for r in short} & (unacked_task_ids() | queued_task_ids(worker.queue))
+    # The long ones were cancelled after it: the acks_late one is back in the queue, the
+    # other is acked and marked for retry (Celery's "cancelled by Celery").
+    assert long_early.state == "RETRY", long_early.info
+    assert long_late.state == "STARTED"
+    assert queued_task_ids(worker.queue) == {long_late.id}
+    assert not unacked_task_ids() & {r.id for r in everything}
+    if pool == "asyncsql":
+        assert pg_connections(worker.app_name) == 0, "engines disposed"
         assert_clean_log(worker)
 
 
