@@ -14,7 +14,7 @@ import os
 from contextlib import nullcontext
 from typing import Any
 
-from billiard import get_context
+from billiard import get_context, reduction
 from celery.concurrency import prefork
 from celery.concurrency.base import BasePool
 from kombu.asynchronous import get_event_loop
@@ -58,6 +58,10 @@ class TaskPool(BasePool):  # type: ignore[misc]
         for warning in startup_warnings(self.settings, self.sizing):
             logger.warning("asyncsql pool at start-up: %s The worker runs on; "
                            "`celery asyncsql check` tells more.", warning)
+        if not self.forking_enable:
+            # As prefork does for spawn: Celery keys a fresh interpreter's set-up (how
+            # @app.task binds, the fast tracer's registry) off this variable.
+            os.environ["FORKED_BY_MULTIPROCESSING"] = "1"
         self._hub = None if self.options.get("threads", True) else get_event_loop()
         self._driver = self._hub if self._hub is not None else LoopDriver()
         self._supervisor = Supervisor(
@@ -70,14 +74,21 @@ class TaskPool(BasePool):  # type: ignore[misc]
             self._driver.start_thread()
 
     def _spawn_child(self, index: int) -> tuple[Any, int, int]:
+        """Start one child by ``worker_pool_start_method``: forked, or a fresh interpreter.
+
+        A forked child inherits every pipe and closes the parent's ends; a
+        spawned child receives its own two ends only (``PipeEnd``), and the app
+        by pickle, as Celery's prefork hands it over.
+        """
         job_r, job_w = make_pipe()
         report_r, report_w = make_pipe()
         app, hostname = self.options["initargs"]
-        parent_fds = [job_w, report_r, *self._parent_fds()]
-        process = get_context("fork").Process(
+        fork = self.forking_enable
+        parent_fds = [job_w, report_r, *self._parent_fds()] if fork else []
+        process = get_context("fork" if fork else "spawn").Process(
             target=_child_entry, name=f"asyncsql-child-{index}", daemon=True,
-            args=(parent_fds, app, hostname, self.slots_per_child, self.processes, job_r,
-                  report_w, self.options.get("maxtasksperchild"),
+            args=(parent_fds, app, hostname, self.slots_per_child, self.processes,
+                  PipeEnd(job_r), PipeEnd(report_w), self.options.get("maxtasksperchild"),
                   self.options.get("max_memory_per_child")))
         process.start()
         os.close(job_r)
@@ -192,13 +203,33 @@ class TaskPool(BasePool):  # type: ignore[misc]
         return info
 
 
-def _child_entry(parent_fds: list[int], *args: Any) -> None:
+def _child_entry(parent_fds: list[int], app: Any, hostname: str, slots: int, processes: int,
+                 job: PipeEnd, report: PipeEnd, *limits: Any) -> None:
     """The child process: drop the parent's ends of every pipe, then serve jobs."""
     from .jobs import child_main
 
     for fd in parent_fds:
         os.close(fd)
-    child_main(*args)
+    child_main(app, hostname, slots, processes, job.fd, report.fd, *limits)
+
+
+class PipeEnd:
+    """A child's end of a pipe: as is across fork; duplicated into a spawned child.
+
+    A spawned child starts with only the descriptors billiard passes it, so
+    pickling this for a spawn (``reduction.DupFd``, only valid then) asks
+    billiard to pass this one.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        return _received_pipe_end, (reduction.DupFd(self.fd),)
+
+
+def _received_pipe_end(dup: Any) -> PipeEnd:
+    return PipeEnd(dup.detach())
 
 
 def _flush_hub_callbacks(hub: Any) -> None:

@@ -318,7 +318,14 @@ class Supervisor:
         self._cancel_or_kill(job, HARD)
 
     def revoke(self, job: Job, signum: int) -> None:
-        """``revoke(terminate=True)``: cancel this job alone, whatever the signal."""
+        """``revoke(terminate=True)``: cancel this job alone, whatever the signal.
+
+        A job whose READY already waits in the pipe keeps its outcome, as on
+        prefork: a cold shutdown after ``worker_soft_shutdown_timeout`` cancels
+        every request the blocked hub has not settled, finished ones too.
+        """
+        if job.child is not None and not job.child.gone:
+            self._on_reports(job.child)
         if job.settled:
             return
         if job.child is None:

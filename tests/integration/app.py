@@ -32,3 +32,9 @@ app.conf.update(
     asyncsql_engine_options={"connect_args": {"server_settings": {"application_name": APP_NAME}}},
 )
 app.conf.update(json.loads(os.environ.get("ITEST_CONF", "{}")))
+
+
+@app.task
+async def app_module_pid():
+    """A task in the ``-A`` module itself, which a spawned child has to import too."""
+    return os.getpid()

@@ -99,10 +99,12 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
     def children(self) -> list[int]:
+        """The pool's children: billiard's semaphore tracker (spawn starts one) is not one."""
         try:
-            return sorted(p.pid for p in psutil.Process(self.pid).children())
+            found = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
+        return sorted(p.pid for p in found if not _is_semaphore_tracker(p))
 
     def wait_for_log(self, needle: str, timeout_s: float = 30) -> None:
         deadline = time.monotonic() + timeout_s
@@ -143,6 +145,13 @@ class Worker:
             except psutil.NoSuchProcess:
                 pass
         self.proc.wait(10)
+
+
+def _is_semaphore_tracker(process: psutil.Process) -> bool:
+    try:
+        return "billiard.semaphore_tracker" in " ".join(process.cmdline())
+    except psutil.Error:
+        return False
 
 
 @contextmanager

@@ -101,13 +101,28 @@ def sync_timed_sleep(seconds):
     return {"child": os.getpid(), "started": started, "finished": time.time()}
 
 
-# --- row 22: fork evidence ------------------------------------------------------------------
+# --- row 20: worker_soft_shutdown_timeout, the same sleepers with acks_late ------------------
+
+@app.task(acks_late=True)
+async def db_sleep_late(seconds):
+    """``db_sleep``, acked only once done: a cancelled run goes back to the queue."""
+    return await db_sleep.run(seconds)
+
+
+@app.task(acks_late=True)
+def sync_timed_sleep_late(seconds):
+    """``db_sleep_late`` for stock prefork."""
+    return sync_timed_sleep.run(seconds)
+
+
+# --- row 22: fork or spawn evidence -------------------------------------------------------
 
 @app.task
 async def fork_evidence():
     await asyncio.sleep(0)
     return {"import_pid": IMPORT_PID, "pid": os.getpid(), "ppid": os.getppid(),
-            "thread": threading.current_thread().name}
+            "thread": threading.current_thread().name,
+            "fresh_interpreter": os.environ.get("FORKED_BY_MULTIPROCESSING") == "1"}
 
 
 # --- row 23: the user's own engine, built at import, before fork -------------------------------

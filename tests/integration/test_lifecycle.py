@@ -1,4 +1,4 @@
-"""Rows 1 (rest), 14, 15, 19, 22 and 23 of DESIGN.md: how children and workers live and die.
+"""Rows 1 (rest), 14, 15, 19, 20, 22 and 23 of DESIGN.md: how children and workers live and die.
 
 Where the row says "as prefork", the same test runs against stock prefork with a
 sync twin of the task, and both must behave alike.
@@ -21,7 +21,7 @@ import redis
 from celery import Celery
 
 from . import tasks, tasks_lifecycle
-from .app import app
+from .app import app, app_module_pid
 from .conftest import PG_DSN, REDIS_URL, ROOT, Worker, eventually, pg_connections
 
 INCLUDE = "tests.integration.tasks,tests.integration.tasks_lifecycle"
@@ -198,25 +198,96 @@ def test_warm_shutdown_finishes_and_acks_tasks_in_flight(worker_factory, pool, t
         assert_clean_log(worker)
 
 
-# --- row 22: children are forked -------------------------------------------------------------
+# --- row 20: worker_soft_shutdown_timeout, then a cold shutdown -------------------------------
 
-def test_children_are_forked_and_run_async_tasks(worker_factory):
-    assert app.conf.worker_pool_start_method == "fork"
-    with worker_factory(concurrency=2, include=INCLUDE) as worker:
+SOFT_SHUTDOWN_S = 3
+
+
+def queued_task_ids(queue):
+    return {json.loads(raw)["headers"]["id"] for raw in broker_redis().lrange(queue, 0, -1)}
+
+
+@pytest.mark.parametrize("pool,early,late", [
+    ("asyncsql", tasks_lifecycle.db_sleep, tasks_lifecycle.db_sleep_late),
+    ("prefork", tasks_lifecycle.sync_timed_sleep, tasks_lifecycle.sync_timed_sleep_late)])
+def test_soft_shutdown_timeout_lets_short_tasks_finish_then_cancels_long_ones(
+        worker_factory, pool, early, late):
+    conf = {"worker_soft_shutdown_timeout": SOFT_SHUTDOWN_S, "task_track_started": True,
+            "asyncsql_processes": 1}  # every task in one child
+    with worker_factory(pool=pool, concurrency=4, include=INCLUDE, conf=conf) as worker:
+        short = [worker.send(early, 1), worker.send(late, 1)]
+        long_early, long_late = worker.send(early, 60), worker.send(late, 60)
+        everything = [*short, long_early, long_late]
+        eventually(lambda: all(r.state == "STARTED" for r in everything), what="all started")
+        if pool == "asyncsql":
+            assert len({r.info["pid"] for r in everything}) == 1, "all in one child"
+        sigquit_at = time.time()
+        started = time.monotonic()
+        worker.stop(signal.SIGQUIT, timeout_s=60)
+        elapsed = time.monotonic() - started
+
+    assert SOFT_SHUTDOWN_S <= elapsed < SOFT_SHUTDOWN_S + 15, elapsed
+    # The short tasks finished within the timeout, were stored and acked.
+    assert [r.state for r in short] == ["SUCCESS", "SUCCESS"], [r.info for r in short]
+    for result in short:
+        assert sigquit_at < result.info["finished"] < sigquit_at + SOFT_SHUTDOWN_S
+    assert not {r.id for r in short} & (unacked_task_ids() | queued_task_ids(worker.queue))
+    # The long ones were cancelled after it: the acks_late one is back in the queue, the
+    # other is acked and marked for retry (Celery's "cancelled by Celery").
+    assert long_early.state == "RETRY", long_early.info
+    assert long_late.state == "STARTED"
+    assert queued_task_ids(worker.queue) == {long_late.id}
+    assert not unacked_task_ids() & {r.id for r in everything}
+    if pool == "asyncsql":
+        assert pg_connections(worker.app_name) == 0, "engines disposed"
+        assert_clean_log(worker)
+
+
+# --- row 22: children forked, or spawned as fresh interpreters --------------------------------
+
+SPAWN_MAIN = "from billiard.spawn import spawn_main"
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_children_start_by_the_start_method_and_run_async_tasks(worker_factory, method):
+    assert app.conf.worker_pool_start_method == "fork", "fork is the default"
+    conf = {"worker_pool_start_method": method} if method == "spawn" else {}
+    with worker_factory(concurrency=2, include=INCLUDE, conf=conf) as worker:
         children = worker.wait_for_children(2)
         parent_cmdline = psutil.Process(worker.pid).cmdline()
         for child in children:
-            # A spawned child would run `python -c "from billiard.spawn import ..."`.
-            assert psutil.Process(child).cmdline() == parent_cmdline
+            cmdline = psutil.Process(child).cmdline()
+            if method == "fork":
+                assert cmdline == parent_cmdline
+            else:
+                assert any(SPAWN_MAIN in part for part in cmdline), cmdline
         seen = [r.get(timeout=30) for r in [worker.send(tasks_lifecycle.fork_evidence)
                                              for _ in range(8)]]
         for item in seen:
-            # The task module was imported once, in the parent, before the fork.
-            assert item["import_pid"] == worker.pid
+            # Forked: the task module was imported once, in the parent, before the fork.
+            # Spawned: each child imported it itself.
+            assert item["import_pid"] == (worker.pid if method == "fork" else item["pid"])
+            assert item["fresh_interpreter"] is (method == "spawn")
             assert item["ppid"] == worker.pid
             assert item["pid"] in children
             assert item["thread"] == "MainThread"
         assert worker.send(tasks.async_add, 20, 22).get(timeout=30) == 42
+        # The -A module's own task, and a task on the child's engine.
+        assert worker.send(app_module_pid).get(timeout=30) in children
+        found = [r.get(timeout=30) for r in [worker.send(tasks.backend_pid) for _ in range(6)]]
+        assert {item["child"] for item in found} <= set(children)
+        # A user's engine built at import: in a spawned child, built there, and it works.
+        probes = [r.get(timeout=30) for r in [worker.send(tasks_lifecycle.user_engine_probe)
+                                              for _ in range(6)]]
+        by_child = {}
+        for item in probes:
+            assert item["import_pid"] == (worker.pid if method == "fork" else item["child"])
+            by_child.setdefault(item["child"], set()).add(item["backend"])
+        assert all(len(backends) == 1 for backends in by_child.values()), by_child
+        assert worker.stop(timeout_s=60) == 0
+    assert pg_connections(worker.app_name) == 0
+    assert pg_connections(f"{worker.app_name}-user") == 0
+    assert_clean_log(worker)
 
 
 # --- row 23: the user's own engine, built and used before fork ------------------------------

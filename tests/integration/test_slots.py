@@ -1,4 +1,5 @@
-"""Several tasks in flight per child (DESIGN.md section 4, rows 3, 9-12, 14, 16-19 with slots).
+"""Several tasks in flight per child (DESIGN.md section 4, rows 3, 9-12, 14, 16-20 with slots;
+9, 10 and 14 with spawned children too, row 22).
 
 Each test fixes ``asyncsql_processes`` so the layout does not depend on the
 machine's CPU count: ``-c`` slots spread over that many children.
@@ -23,11 +24,10 @@ INCLUDE = "tests.integration.tasks,tests.integration.tasks_slots"
 
 
 @contextmanager
-def slot_worker(worker_factory, slots, processes, conf=None, **kwargs):
-    """A worker whose ``processes`` children have all reported for work."""
-    with worker_factory(concurrency=slots, include=INCLUDE,
-                        conf={"asyncsql_processes": processes, **(conf or {})},
-                        **kwargs) as worker:
+def slot_worker(worker_factory, slots, processes, conf=None, method="fork", **kwargs):
+    """A worker whose ``processes`` children, forked or spawned, have all reported for work."""
+    conf = {"asyncsql_processes": processes, "worker_pool_start_method": method, **(conf or {})}
+    with worker_factory(concurrency=slots, include=INCLUDE, conf=conf, **kwargs) as worker:
         eventually(lambda: len(_reporting_children(worker)) == processes, 20,
                    f"{processes} children up")
         yield worker
@@ -84,9 +84,11 @@ def test_no_task_waits_behind_a_busy_child_while_another_has_room(worker_factory
 
 # --- rows 10-12 with siblings in the same child ------------------------------------------------
 
-@pytest.mark.parametrize("interrupt", ["soft", "hard", "revoke"])
-def test_limits_and_revoke_hit_only_their_task_in_a_shared_child(worker_factory, interrupt):
-    with slot_worker(worker_factory, slots=3, processes=1) as worker:
+@pytest.mark.parametrize("interrupt,method", [
+    ("soft", "fork"), ("hard", "fork"), ("revoke", "fork"), ("soft", "spawn")])
+def test_limits_and_revoke_hit_only_their_task_in_a_shared_child(
+        worker_factory, interrupt, method):
+    with slot_worker(worker_factory, slots=3, processes=1, method=method) as worker:
         [child] = worker.wait_for_children(1)
         options = {"soft": {"soft_time_limit": 1}, "hard": {"time_limit": 1},
                    "revoke": {}}[interrupt]
@@ -133,8 +135,9 @@ def test_a_task_that_ignores_cancellation_gets_its_child_replaced(worker_factory
 
 # --- row 9: a child killed with several jobs in flight -----------------------------------------
 
-def test_killed_child_fails_each_of_its_jobs_and_leaves_the_other_child(worker_factory):
-    with slot_worker(worker_factory, slots=6, processes=2) as worker:
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_killed_child_fails_each_of_its_jobs_and_leaves_the_other_child(worker_factory, method):
+    with slot_worker(worker_factory, slots=6, processes=2, method=method) as worker:
         children = worker.wait_for_children(2)
         running = [worker.send(ts.span, 5) for _ in range(6)]
         eventually(lambda: _inspect_active(worker) == 6, 10, "six running")
@@ -154,8 +157,10 @@ def test_killed_child_fails_each_of_its_jobs_and_leaves_the_other_child(worker_f
 
 # --- row 14: max_tasks_per_child with several slots -----------------------------------------
 
-def test_max_tasks_per_child_replaces_children_without_a_stall_or_a_lost_task(worker_factory):
-    with slot_worker(worker_factory, slots=6, processes=2,
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_max_tasks_per_child_replaces_children_without_a_stall_or_a_lost_task(
+        worker_factory, method):
+    with slot_worker(worker_factory, slots=6, processes=2, method=method,
                      args=("--max-tasks-per-child", "5")) as worker:
         first = worker.wait_for_children(2)
         started = time.monotonic()
