@@ -7,13 +7,14 @@ a replacement child starts only after the child it replaces has exited, so
 the connection budget is never exceeded.
 
 All of it runs on one thread: the worker's kombu hub, or, for a transport
-without one, the supervisor's own thread (``ThreadDriver``), with a lock
+without one, the supervisor's own thread (``driver.LoopDriver``), with a lock
 around what the consumer's thread calls.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -59,7 +60,10 @@ class Job:
         self.deadlines: list[tuple[float, Callback]] = []
 
     def terminate(self, signum: int | None = None) -> None:
-        self.supervisor.revoke(self, signum or signal.SIGTERM)
+        """Revoke this job now: Celery's cold shutdown calls this from its signal handler,
+        then stops the pool there and waits; without a hub, from the consumer's thread."""
+        with getattr(self.supervisor.driver, "lock", None) or contextlib.nullcontext():
+            self.supervisor.revoke(self, signum or signal.SIGTERM)
 
     def settle(self, outcome: Any = None, error: BaseException | None = None,
                notify: bool = True) -> None:
