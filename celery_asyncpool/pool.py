@@ -19,9 +19,10 @@ from celery.concurrency import prefork
 from celery.concurrency.base import BasePool
 from kombu.asynchronous import get_event_loop
 
+from .budget import connection_budget, describe
 from .checks import startup_warnings
 from .config import Settings
-from .database import Sizing, check_engine_options, connections_per_process
+from .database import Sizing, check_engine_options
 from .driver import LoopDriver
 from .protocol import make_pipe
 from .registration import autoscale_maximum
@@ -52,6 +53,7 @@ class TaskPool(BasePool):  # type: ignore[misc]
         self.processes, self.slots_per_child = self.settings.layout(laid_out)
         self.sizing = Sizing(self.slots_per_child, self.processes, self.settings.connection_cap)
         check_engine_options(self.settings, self.sizing)
+        self.budget = connection_budget(self.app.conf, self.settings, self.sizing)
         self._supervisor: Supervisor | None = None
         self._driver: Any = None
         self._hub: Any = None
@@ -61,8 +63,8 @@ class TaskPool(BasePool):  # type: ignore[misc]
     def on_start(self) -> None:
         logger.info("asyncsql pool: %d processes, %d task slot(s) each; database "
                     "connections at most %s", self.processes, self.slots_per_child,
-                    self._budget())
-        for warning in startup_warnings(self.settings, self.sizing):
+                    describe(self.budget))
+        for warning in startup_warnings(self.settings, self.sizing, self.budget):
             logger.warning("asyncsql pool at start-up: %s The worker runs on; "
                            "`celery asyncsql check` tells more.", warning)
         self._hub = None if self.options.get("threads", True) else get_event_loop()
@@ -192,10 +194,6 @@ class TaskPool(BasePool):  # type: ignore[misc]
 
     # --- reporting ------------------------------------------------------------------------
 
-    def _budget(self) -> dict[str, int]:
-        return {database.name: connections_per_process(database, self.sizing) * self.processes
-                for database in self.settings.databases}
-
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
         supervisor = self._supervisor
@@ -213,9 +211,8 @@ class TaskPool(BasePool):  # type: ignore[misc]
             "driver": "thread" if isinstance(self._driver, LoopDriver) else "hub",
             "in-flight": 0 if supervisor is None else supervisor.in_flight(),
             "children": [] if supervisor is None else supervisor.info(),
-            "databases": {database.name: database.masked_url
-                          for database in self.settings.databases},
-            "connection-budget": self._budget(),
+            "databases": {entry.name: entry.masked_url for entry in self.budget},
+            "connection-budget": {entry.name: entry.connections for entry in self.budget},
         }
         return info
 
