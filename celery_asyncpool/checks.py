@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from .budget import RESULT_BACKEND, Entry, connection_budget, over_max_connections, server_of
 from .child import Runtime
 from .config import Settings
 from .database import Sizing, check_engine_options, connections_per_process, engine_options
@@ -34,49 +35,63 @@ def run_check(app: Any, slots: int, *, echo: Callable[[str], Any]) -> list[str]:
         echo(f"database {database.name!r}: {database.masked_url}")
         echo(f"  engine options: {options!r}")
         echo(f"  connections: {per_child} per process, {per_child * processes} in all")
-    return _probe(settings, sizing, echo)
+    budget = connection_budget(app.conf, settings, sizing)
+    for entry in budget:
+        if entry.name == RESULT_BACKEND:
+            echo(f"result backend: {entry.masked_url}")
+            echo(f"  connections: {entry.connections} in all (children and parent)")
+    echo(f"connection budget: {sum(entry.connections for entry in budget)}")
+    return _probe(settings, sizing, budget, echo)
 
 
 STARTUP_PROBE_TIMEOUT_S = 5.0
 
 
-def startup_warnings(settings: Settings, sizing: Sizing) -> list[str]:
+def startup_warnings(settings: Settings, sizing: Sizing,
+                     budget: tuple[Entry, ...]) -> list[str]:
     """What a worker should warn about at start-up: a database it cannot reach, or a
-    connection budget above the server's ``max_connections``.
+    connection budget above a server's ``max_connections``.
 
     Runs before any child is forked, on a loop thread that is gone when it
     returns; each database gets at most ``STARTUP_PROBE_TIMEOUT_S``.
     """
-    return _probe(settings, sizing, lambda _: None, timeout_s=STARTUP_PROBE_TIMEOUT_S)
+    return _probe(settings, sizing, budget, lambda _: None, timeout_s=STARTUP_PROBE_TIMEOUT_S)
 
 
-def _probe(settings: Settings, sizing: Sizing, echo: Callable[[str], Any],
-           timeout_s: float | None = None) -> list[str]:
+def _probe(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...],
+           echo: Callable[[str], Any], timeout_s: float | None = None) -> list[str]:
+    """Connect to each of our databases; its server's ``max_connections`` bounds the budget
+    of every database on that server, the result backend's too."""
     runtime = Runtime(settings, sizing, name="asyncsql-check")
     problems: list[str] = []
+    limits: dict[str, int] = {}
     try:
         runtime.start(run_hooks=False)
     except Exception as exc:
         return [f"Building the engines failed: {exc}"]
     try:
         for database in settings.databases:
-            budget = connections_per_process(database, sizing) * sizing.processes
-            probe = _probe_one(runtime, database.name, budget, echo)
-            problems += runtime.run(_within(probe, timeout_s, database.name))
+            probe = _probe_one(runtime, database.name, echo)
+            reached = runtime.run(_within(probe, timeout_s, database.name))
+            if isinstance(reached, int):
+                limits[server_of(database.url)] = reached
+            elif isinstance(reached, str):
+                problems.append(reached)
     finally:
         runtime.stop(run_hooks=False)
-    return problems
+    return problems + over_max_connections(budget, limits)
 
 
-async def _within(probe: Any, timeout_s: float | None, name: str) -> list[str]:
+async def _within(probe: Any, timeout_s: float | None, name: str) -> int | str | None:
     try:
-        return await asyncio.wait_for(probe, timeout_s)
+        result: int | str | None = await asyncio.wait_for(probe, timeout_s)
+        return result
     except asyncio.TimeoutError:
-        return [f"Database {name!r} did not answer within {timeout_s}s."]
+        return f"Database {name!r} did not answer within {timeout_s}s."
 
 
-async def _probe_one(runtime: Runtime, name: str, budget: int,
-                     echo: Callable[[str], Any]) -> list[str]:
+async def _probe_one(runtime: Runtime, name: str, echo: Callable[[str], Any]) -> int | str | None:
+    """The server's ``max_connections`` (None where unknown), or why it cannot be reached."""
     from sqlalchemy import text
 
     assert runtime.databases is not None
@@ -88,10 +103,7 @@ async def _probe_one(runtime: Runtime, name: str, budget: int,
             if built.dialect.name == "postgresql":
                 limit = int((await connection.execute(text("SHOW max_connections"))).scalar_one())
     except Exception as exc:
-        return [f"Database {name!r} ({built.url.render_as_string(hide_password=True)}) "
-                f"cannot be reached: {type(exc).__name__}: {exc}"]
+        return (f"Database {name!r} ({built.url.render_as_string(hide_password=True)}) "
+                f"cannot be reached: {type(exc).__name__}: {exc}")
     echo(f"database {name!r}: connected" + (f", server max_connections = {limit}" if limit else ""))
-    if limit is not None and budget > limit:
-        return [f"Database {name!r}: the worker may open {budget} connections, above the "
-                f"server's max_connections ({limit}); lower -c or asyncsql_connection_cap."]
-    return []
+    return limit

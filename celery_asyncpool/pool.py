@@ -19,11 +19,13 @@ from celery.concurrency import prefork
 from celery.concurrency.base import BasePool
 from kombu.asynchronous import get_event_loop
 
+from .budget import connection_budget, describe
 from .checks import startup_warnings
 from .config import Settings
-from .database import Sizing, check_engine_options, connections_per_process
+from .database import Sizing, check_engine_options
 from .driver import LoopDriver
 from .protocol import make_pipe
+from .registration import autoscale_maximum
 from .supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,11 @@ class TaskPool(BasePool):  # type: ignore[misc]
     Each child runs up to ``ceil(slots / processes)`` jobs at once on its
     loop; the supervisor knows which job runs where, so a time limit or a
     revoke cancels one coroutine and leaves its siblings alone.
+
+    ``limit`` keeps Celery's meaning: the slots in use now, which
+    ``grow``/``shrink`` and the autoscaler move. Children, their tracers and
+    their engine pools are laid out once, for the autoscale maximum when there
+    is one, so growing moves only the dispatch limit.
     """
 
     uses_semaphore = True
@@ -42,9 +49,11 @@ class TaskPool(BasePool):  # type: ignore[misc]
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.settings = Settings.from_conf(self.app.conf)
-        self.processes, self.slots_per_child = self.settings.layout(self.limit)
+        laid_out = autoscale_maximum(self.limit) or self.limit
+        self.processes, self.slots_per_child = self.settings.layout(laid_out)
         self.sizing = Sizing(self.slots_per_child, self.processes, self.settings.connection_cap)
         check_engine_options(self.settings, self.sizing)
+        self.budget = connection_budget(self.app.conf, self.settings, self.sizing)
         self._supervisor: Supervisor | None = None
         self._driver: Any = None
         self._hub: Any = None
@@ -54,8 +63,8 @@ class TaskPool(BasePool):  # type: ignore[misc]
     def on_start(self) -> None:
         logger.info("asyncsql pool: %d processes, %d task slot(s) each; database "
                     "connections at most %s", self.processes, self.slots_per_child,
-                    self._budget())
-        for warning in startup_warnings(self.settings, self.sizing):
+                    describe(self.budget))
+        for warning in startup_warnings(self.settings, self.sizing, self.budget):
             logger.warning("asyncsql pool at start-up: %s The worker runs on; "
                            "`celery asyncsql check` tells more.", warning)
         if not self.forking_enable:
@@ -115,17 +124,38 @@ class TaskPool(BasePool):  # type: ignore[misc]
         cancels that one coroutine (``supervisor.Job.terminate``)."""
 
     def grow(self, n: int = 1) -> None:
+        """Let ``n`` more jobs run at once (``pool_grow``, autoscale), as prefork's putlock grows."""
         with self._lock():
             self.limit += n
+            laid_out = self.processes * self.slots_per_child
+            if self.limit > laid_out:
+                logger.warning("asyncsql pool grown to %d slots, above the %d its children were "
+                               "laid out for, so at most %d jobs run at once; start the worker "
+                               "with a higher -c or --autoscale maximum.",
+                               self.limit, laid_out, laid_out)
+            self._resize_semaphore(n)
             if self._supervisor is not None:
                 self._supervisor.limit = self.limit
                 self._supervisor.dispatch()
 
     def shrink(self, n: int = 1) -> None:
+        """Let ``n`` fewer jobs run at once; jobs in flight finish, none is stopped."""
         with self._lock():
-            self.limit = max(1, self.limit - n)
+            n = min(n, self.limit)
+            self.limit -= n
+            self._resize_semaphore(-n)
             if self._supervisor is not None:
                 self._supervisor.limit = self.limit
+
+    def _resize_semaphore(self, n: int) -> None:
+        """The worker's semaphore (with a hub) admits ``limit`` jobs: keep it in step."""
+        semaphore = self.options.get("semaphore")
+        if semaphore is None or n == 0:
+            return
+        if n > 0:
+            semaphore.grow(n)
+        else:
+            semaphore.shrink(-n)
 
     def _lock(self) -> Any:
         return self._driver.lock if isinstance(self._driver, LoopDriver) else nullcontext()
@@ -175,10 +205,6 @@ class TaskPool(BasePool):  # type: ignore[misc]
 
     # --- reporting ------------------------------------------------------------------------
 
-    def _budget(self) -> dict[str, int]:
-        return {database.name: connections_per_process(database, self.sizing) * self.processes
-                for database in self.settings.databases}
-
     def _get_info(self) -> dict[str, Any]:
         info: dict[str, Any] = super()._get_info()
         supervisor = self._supervisor
@@ -196,9 +222,8 @@ class TaskPool(BasePool):  # type: ignore[misc]
             "driver": "thread" if isinstance(self._driver, LoopDriver) else "hub",
             "in-flight": 0 if supervisor is None else supervisor.in_flight(),
             "children": [] if supervisor is None else supervisor.info(),
-            "databases": {database.name: database.masked_url
-                          for database in self.settings.databases},
-            "connection-budget": self._budget(),
+            "databases": {entry.name: entry.masked_url for entry in self.budget},
+            "connection-budget": {entry.name: entry.connections for entry in self.budget},
         }
         return info
 

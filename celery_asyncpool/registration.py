@@ -1,4 +1,4 @@
-"""The one place that touches Celery's pool registry and its CLI state.
+"""The one place that touches Celery's pool registry, its CLI state and its worker.
 
 ``celery.bin.worker`` builds the ``-P`` option's choices (``WORKERS_POOL``, a
 click ``Choice``) when it is imported, from ``celery.concurrency.ALIASES``.
@@ -6,13 +6,23 @@ The ``celery`` command imports it before it loads our ``celery.commands``
 entry point, so the alias alone is not enough for ``-P asyncsql``: the
 already-built choices must be extended too. Config (``worker_pool``) and
 ``app.Worker(pool_cls=...)`` need only the alias.
+
+The worker's ``Pool`` bootstep hands the pool only ``min_concurrency``
+(``celery/worker/components.py``, ``Pool.create``); the autoscale maximum is
+on the worker. A ``worker_init`` receiver remembers the worker being built,
+so the pool can lay its children out for that maximum (``autoscale_maximum``).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
+import weakref
+from typing import Any
 
 from .errors import AsyncPoolError
+
+logger = logging.getLogger(__name__)
 
 POOL_NAME = "asyncsql"
 POOL_PATH = "celery_asyncpool.pool:TaskPool"
@@ -27,7 +37,11 @@ def register() -> None:
     """
     from celery import concurrency
 
+    from celery import signals
+
     concurrency.ALIASES.setdefault(POOL_NAME, POOL_PATH)
+    signals.worker_init.connect(_remember_worker, weak=False,
+                                dispatch_uid="celery_asyncpool.remember_worker")
     worker_cli = sys.modules.get("celery.bin.worker")
     if worker_cli is not None:
         _extend_cli_choices(worker_cli)
@@ -43,3 +57,37 @@ def _extend_cli_choices(worker_cli: object) -> None:
             "worker_pool = 'asyncsql' in the Celery config instead.")
     if POOL_NAME not in choices:
         option.choices = (*choices, POOL_NAME)  # type: ignore[union-attr]
+
+
+_worker: weakref.ref[Any] | None = None
+
+
+def _remember_worker(sender: Any = None, **_: Any) -> None:
+    """``worker_init`` (sent by ``WorkController.setup_instance``): the worker being built."""
+    global _worker
+    _worker = None if sender is None else weakref.ref(sender)
+
+
+def autoscale_maximum(limit: int) -> int | None:
+    """The ``--autoscale`` maximum of the worker now creating a pool of ``limit`` slots.
+
+    None when there is no autoscale, or when the pool is not being created by a
+    worker this module saw start (``TaskPool`` built by hand). When Celery no
+    longer keeps the maximum where this reads it, logs a warning saying what
+    the worker loses and returns None.
+    """
+    worker = None if _worker is None else _worker()
+    if worker is None or getattr(worker, "pool", None) is not None:
+        return None  # no worker, or its pool was created already: not this pool's worker
+    autoscale = getattr(worker, "autoscale", None)
+    maximum = getattr(worker, "max_concurrency", None)
+    if not autoscale:
+        return None
+    if not isinstance(maximum, int) or isinstance(maximum, bool):
+        logger.warning(
+            "asyncsql pool: --autoscale is set (%r) but this Celery version's worker has no "
+            "usable max_concurrency (%r found); children are laid out for %d slot(s) only, so "
+            "autoscale cannot grow past that. Use -c instead of --autoscale, or report this "
+            "Celery version to celery_asyncpool.", autoscale, maximum, limit)
+        return None
+    return maximum if maximum > limit else None

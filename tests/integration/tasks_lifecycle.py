@@ -134,15 +134,18 @@ user_engine = create_async_engine(
 PARENT = {}
 
 
-async def _backend_pid():
+async def _backend_pid(hold_s=0.0):
     async with user_engine.connect() as conn:
-        return (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        backend = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        await asyncio.sleep(hold_s)
+    return backend
 
 
 @app.task
-async def user_engine_probe():
-    """Use the module-level engine as a user's task would, unchanged."""
-    backend = await _backend_pid()
+async def user_engine_probe(hold_s=0.0):
+    """Use the module-level engine as a user's task would, unchanged; keep the connection
+    ``hold_s`` seconds, so tasks in flight together each need one."""
+    backend = await _backend_pid(hold_s)
     return {"backend": backend, "child": os.getpid(), "pool": id(user_engine.pool),
             "parent_pool": PARENT.get("pool"), "parent_backend": PARENT.get("backend"),
             "import_pid": IMPORT_PID}

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from . import tasks
-from .conftest import ROOT
+from .conftest import ROOT, pg_scalar
 
 
 def celery(*args, conf=None, timeout=90):
@@ -71,4 +71,34 @@ def test_a_worker_starts_and_says_so_when_its_database_is_unreachable(worker_fac
                             "(postgresql+asyncpg://postgres:***@127.0.0.1:1/test) cannot be "
                             "reached")
         assert worker.send(tasks.async_add, 1, 2).get(timeout=30) == 3, "tasks without it run"
+        assert "hunter2" not in worker.logs()
+
+
+def _tipping_conf(with_backend: bool) -> dict:
+    """One child whose pool leaves 3 of max_connections free; the backend needs 2 + 2 more."""
+    limit = int(pg_scalar("SHOW max_connections"))
+    conf = {"asyncsql_processes": 1, "asyncsql_connection_cap": limit,
+            "asyncsql_engine_options": {"pool_size": limit - 3}}
+    if with_backend:
+        conf["result_backend"] = "db+postgresql+psycopg://postgres:hunter2@127.0.0.1:5432/test"
+    return conf
+
+
+def test_check_counts_a_database_result_backend_on_the_same_server():
+    limit = int(pg_scalar("SHOW max_connections"))
+    assert celery("asyncsql", "check", "-c", "2", conf=_tipping_conf(False)).returncode == 0
+    done = celery("asyncsql", "check", "-c", "2", conf=_tipping_conf(True))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "result backend: postgresql+psycopg://postgres:***@127.0.0.1:5432/test" in done.stdout
+    assert "  connections: 4 in all (children and parent)" in done.stdout
+    assert (f"Server 127.0.0.1:5432 ('default' {limit - 3}, 'result-backend' 4): the worker "
+            f"may open {limit + 1} connections, above the server's max_connections ({limit})"
+            in done.stderr)
+    assert "hunter2" not in done.stdout + done.stderr
+
+
+def test_a_worker_warns_when_its_pools_and_result_backend_together_exceed_the_server(
+        worker_factory):
+    with worker_factory(concurrency=2, conf=_tipping_conf(True)) as worker:
+        worker.wait_for_log("asyncsql pool at start-up: Server 127.0.0.1:5432 (")
         assert "hunter2" not in worker.logs()

@@ -1,5 +1,7 @@
 """Rows 1 (rest), 14, 15, 19, 20, 22 and 23 of DESIGN.md: how children and workers live and die.
 
+Rows 15 and 23 also run with several slots per child (``asyncsql_processes`` fixed).
+
 Where the row says "as prefork", the same test runs against stock prefork with a
 sync twin of the task, and both must behave alike.
 """
@@ -160,6 +162,32 @@ def test_max_memory_per_child_replaces_the_child_after_its_task(
         eventually(lambda: worker.children() == [replacement], what="one child, the new one")
         assert not psutil.pid_exists(child) or psutil.Process(child).status() == "zombie"
         assert worker.send(whoami).get(timeout=30) == replacement
+
+
+def test_max_memory_per_child_with_several_slots_drains_the_siblings_before_it_exits(
+        worker_factory):
+    conf = {"worker_max_memory_per_child": LIMIT_KB, "asyncsql_processes": 1}
+    with worker_factory(concurrency=4, include=INCLUDE, conf=conf) as worker:
+        [child] = worker.wait_for_children(1)
+        siblings = [worker.send(tasks_lifecycle.db_sleep, 4) for _ in range(3)]
+        eventually(lambda: _active(worker) == 3, 15, "three siblings running")
+        big = worker.send(tasks.allocate_mb, 300)
+        assert big.get(timeout=60) == child
+        over_at = time.time()
+        after = worker.send(tasks.child_pid)
+        done = [sibling.get(timeout=60) for sibling in siblings]
+        assert [d["child"] for d in done] == [child] * 3, "the siblings finished in their child"
+        assert all(d["finished"] > over_at for d in done), "they ran on after the limit was hit"
+        replacement = after.get(timeout=60)
+        assert replacement != child, "no new work went to the draining child"
+        eventually(lambda: worker.children() == [replacement], what="one child, the new one")
+        assert "drains and will be replaced" in worker.logs()
+        assert_clean_log(worker)
+
+
+def _active(worker) -> int:
+    active = app.control.inspect(destination=[worker.hostname], timeout=2).active() or {}
+    return len(active.get(worker.hostname, []))
 
 
 # --- row 19: warm shutdown with tasks in flight ------------------------------------------------
@@ -324,6 +352,40 @@ def test_user_engine_built_before_fork_is_replaced_and_parent_connection_survive
         assert_clean_log(worker)
 
     # At shutdown, after every child is gone, the parent used its pooled connection again.
+    assert json.loads(probe_file.read_text()) == {
+        "backend_before": parent_backend, "backend_after": parent_backend}
+
+
+def test_user_engine_built_before_fork_serves_several_slots_per_child(worker_factory, tmp_path):
+    probe_file = tmp_path / "parent-probe.json"
+    env = {"ITEST_PARENT_ENGINE": "1", "ITEST_PARENT_PROBE_FILE": str(probe_file)}
+    with worker_factory(concurrency=8, include=INCLUDE, env=env,
+                        conf={"asyncsql_processes": 2},
+                        args=("--max-tasks-per-child", "12")) as worker:
+        user_app = f"{worker.app_name}-user"
+        [(parent_backend, _)] = backends(user_app).items()
+
+        results = [worker.send(tasks_lifecycle.user_engine_probe, 0.3) for _ in range(48)]
+        seen = [result.get(timeout=90) for result in results]
+        by_child = {}
+        for item in seen:
+            assert item["child"] != worker.pid
+            assert item["parent_backend"] == parent_backend
+            assert item["pool"] != item["parent_pool"], "the child got a fresh pool"
+            assert item["backend"] != parent_backend, "the child opened its own connections"
+            by_child.setdefault(item["child"], set()).add(item["backend"])
+        assert len(by_child) >= 4, "children were replaced along the way"
+        assert all(len(b) <= 4 for b in by_child.values()), "at most one connection per slot"
+        assert max(len(b) for b in by_child.values()) > 1, "tasks used the engine at once"
+        assert len(set().union(*by_child.values())) == sum(len(b) for b in by_child.values()), \
+            "no connection crossed from one child to another"
+
+        eventually(lambda: not set(worker.children()) & {
+            child for child in by_child if Counter(i["child"] for i in seen)[child] == 12},
+            what="children that ran 12 tasks gone")
+        assert backends(user_app).get(parent_backend) == "idle"
+        assert_clean_log(worker)
+
     assert json.loads(probe_file.read_text()) == {
         "backend_before": parent_backend, "backend_after": parent_backend}
 

@@ -1,5 +1,7 @@
 """Rows 9-13 of DESIGN.md section 4: lost children, time limits and revokes, as prefork.
 
+Row 13 also runs with several slots per child (the last test).
+
 One task per child (``-c 2``). Each test starts two tasks, one per child,
 then interrupts one of them (SIGKILL, soft or hard limit, revoke with
 terminate) and checks that only that task is hit (prefork also replaces its child). The
@@ -319,3 +321,38 @@ def test_task_revoked_before_it_starts_never_runs(worker_factory, pool, task):
         assert worker.send(task, new_tag(), 0).get(timeout=20)
         assert runs(early_tag) == [] and runs(waiting_tag) == []
         assert early.state == waiting.state == "REVOKED"
+
+
+def test_task_revoked_before_it_starts_never_runs_while_its_siblings_do(worker_factory):
+    """Row 13 with several slots per child: 8 slots on 2 children, every one busy."""
+    with worker_factory(concurrency=8, include=INCLUDE,
+                        conf={"asyncsql_processes": 2}) as worker:
+        children = worker.wait_for_children(2)
+        early_id, early_tag = str(uuid.uuid4()), new_tag()
+        assert app.control.revoke(early_id, destination=[worker.hostname], reply=True, timeout=10)
+        early = worker.send(tl.async_mark_sleep, early_tag, 0, task_id=early_id)
+
+        busy_tags = [new_tag() for _ in range(8)]
+        busy = [worker.send(tl.async_mark_sleep, tag, 3) for tag in busy_tags]
+        started = [wait_for_runs(tag)[0] for tag in busy_tags]
+        assert sorted(started.count(child) for child in children) == [4, 4], started
+
+        waiting_id, waiting_tag = str(uuid.uuid4()), new_tag()
+        sibling_tags = [new_tag() for _ in range(3)]
+        queued = [worker.send(tl.async_mark_sleep, sibling_tags[0], 0),
+                  worker.send(tl.async_mark_sleep, waiting_tag, 0, task_id=waiting_id),
+                  *[worker.send(tl.async_mark_sleep, tag, 0) for tag in sibling_tags[1:]]]
+        assert app.control.revoke(waiting_id, destination=[worker.hostname], reply=True, timeout=10)
+        assert runs(waiting_tag) == [], "revoked while it waited for a slot"
+
+        assert sorted(set(r.get(timeout=30) for r in busy)) == children, "busy siblings done"
+        for result in (queued[0], *queued[2:]):
+            assert result.get(timeout=30) in children, "queued siblings ran"
+        for task_id in (early_id, waiting_id):
+            eventually(lambda task_id=task_id: stored_status(task_id) == "REVOKED", 20,
+                       f"{task_id} REVOKED")
+        assert worker.send(tl.async_mark_sleep, new_tag(), 0).get(timeout=20) in children
+        assert runs(early_tag) == [] and runs(waiting_tag) == []
+        assert all(runs(tag) for tag in sibling_tags)
+        assert early.state == queued[1].state == "REVOKED"
+        assert worker.children() == children, "revoking a task that never ran kills no child"

@@ -197,6 +197,62 @@ def test_prefetch_stats_and_active_count_slots(worker_factory):
         [r.get(timeout=20) for r in running]
 
 
+# --- row 17: pool_grow / pool_shrink and --autoscale in slot units ----------------------------
+
+def _stats(worker) -> dict:
+    return app.control.inspect(destination=[worker.hostname], timeout=2).stats()[worker.hostname]
+
+
+def _control(worker, command, n):
+    replies = getattr(app.control, command)(n, destination=[worker.hostname], reply=True,
+                                            timeout=5)
+    assert replies and "ok" in replies[0][worker.hostname], replies
+
+
+def test_pool_shrink_and_grow_move_the_slots_in_use_not_the_children(worker_factory):
+    with slot_worker(worker_factory, slots=6, processes=2) as worker:
+        children = worker.wait_for_children(2)
+        prefetch = _stats(worker)["prefetch_count"]
+        _control(worker, "pool_shrink", 4)
+        mine = _stats(worker)
+        assert mine["pool"]["max-concurrency"] == 2
+        assert mine["prefetch_count"] == prefetch // 3, "prefetch follows the slots in use"
+        done = [r.get(timeout=30) for r in [worker.send(ts.span, 1) for _ in range(6)]]
+        assert most_at_once([(d["start"], d["end"]) for d in done]) == 2
+        _control(worker, "pool_grow", 4)
+        assert _stats(worker)["pool"]["max-concurrency"] == 6
+        done = [r.get(timeout=30) for r in [worker.send(ts.span, 1) for _ in range(6)]]
+        assert most_at_once([(d["start"], d["end"]) for d in done]) == 6
+        assert worker.children() == children, "no child was started or stopped"
+
+
+def test_autoscale_lays_out_children_for_the_maximum_and_moves_only_the_limit(worker_factory):
+    with slot_worker(worker_factory, slots=0, processes=2, args=("--autoscale=8,2",),
+                     env={"AUTOSCALE_KEEPALIVE": "2"}) as worker:
+        children = worker.wait_for_children(2)
+        pool = _stats(worker)["pool"]
+        assert pool["max-concurrency"] == 2, "the dispatch limit starts at the minimum"
+        assert (pool["asyncsql"]["processes"], pool["asyncsql"]["slots-per-process"]) == (2, 4)
+        assert all(c["slots"] == 4 and c["engines"]["default"]["size"] == 4
+                   for c in pool["asyncsql"]["children"]), pool["asyncsql"]["children"]
+        budget = sum(pool["asyncsql"]["connection-budget"].values())
+        assert budget == 8
+        burst = [worker.send(ts.db_span, 1.5) for _ in range(24)]
+        samples, connections = [], []
+        while not all(r.ready() for r in burst):
+            pool = _stats(worker)["pool"]
+            samples.append((pool["asyncsql"]["in-flight"], pool["max-concurrency"]))
+            connections.append(pg_connections(worker.app_name))
+        done = [r.get(timeout=60) for r in burst]
+        assert all(in_flight <= limit for in_flight, limit in samples), samples
+        assert 2 < most_at_once([(d["start"], d["end"]) for d in done]) <= 8
+        assert max(limit for _, limit in samples) > 2, "the pool grew"
+        assert max(connections) <= budget, connections
+        eventually(lambda: _stats(worker)["pool"]["max-concurrency"] == 2, 30,
+                   "shrunk back to the minimum after the keepalive")
+        assert worker.children() == children, "no child was started or stopped"
+
+
 # --- row 19: warm shutdown with every slot busy ------------------------------------------------
 
 def test_warm_shutdown_finishes_every_task_in_flight_and_closes_connections(worker_factory):

@@ -45,3 +45,35 @@ def test_the_cli_plugin_does_not_import_sqlalchemy():
     code = "import sys, celery_asyncpool.cli; print('sqlalchemy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+class _BuildingWorker:
+    """What a WorkController holds once the Pool bootstep's ``__init__`` ran."""
+
+    def __init__(self, **attrs):
+        self.pool = None
+        self.__dict__.update(attrs)
+
+
+def test_the_pool_learns_the_autoscale_maximum_of_the_worker_being_built():
+    from celery import signals
+
+    registration.register()
+    worker = _BuildingWorker(autoscale=[8, 2], max_concurrency=8, min_concurrency=2)
+    signals.worker_init.send(sender=worker)
+    assert registration.autoscale_maximum(2) == 8
+    worker.pool = object()
+    assert registration.autoscale_maximum(2) is None, "a pool already built: not ours"
+    without_autoscale = _BuildingWorker(autoscale=None, max_concurrency=None)
+    signals.worker_init.send(sender=without_autoscale)
+    assert registration.autoscale_maximum(4) is None
+
+
+def test_a_celery_without_max_concurrency_falls_back_loudly(caplog):
+    from celery import signals
+
+    registration.register()
+    moved = _BuildingWorker(autoscale=[8, 2])  # held: the receiver keeps a weak reference
+    signals.worker_init.send(sender=moved)
+    assert registration.autoscale_maximum(2) is None
+    assert "children are laid out for 2 slot(s) only" in caplog.text

@@ -1,0 +1,119 @@
+"""The worker's connection budget: every child's engine pools, and a database result backend.
+
+Celery's database result backend (``db+postgresql://...``) stores results
+through a sync SQLAlchemy engine of its own (``celery/backends/database/
+session.py``, ``SessionManager``), in each child and in the parent. A store
+holds one connection for the length of one session, and each thread stores
+one result at a time, so the backend holds at most one connection per thread
+that stores:
+
+- in a child, the loop thread (every async job's tracer) and the sync thread.
+  Celery keeps a backend per thread (unless ``result_backend_thread_safe``):
+  the loop thread's, inherited through fork, caches its engine and keeps one
+  connection open; the sync thread's, made after fork, uses a ``NullPool``;
+- in the parent, the consumer's thread and the pool's driver thread (hard time
+  limits, revokes, lost children), through ``NullPool`` engines that close
+  each connection after its store.
+
+Budgets of databases on one server add up against its ``max_connections``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Settings
+from .database import Sizing, connections_per_process
+
+RESULT_BACKEND = "result-backend"
+BACKEND_THREADS_PER_CHILD = 2
+BACKEND_THREADS_IN_PARENT = 2
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """The most connections one worker may hold to one database, and where it is."""
+
+    name: str
+    masked_url: str
+    server: str
+    connections: int
+
+
+def connection_budget(conf: Mapping[str, Any], settings: Settings,
+                      sizing: Sizing) -> tuple[Entry, ...]:
+    """Every database the worker connects to: ours, then a database result backend."""
+    entries = [Entry(database.name, database.masked_url, server_of(database.url),
+                     connections_per_process(database, sizing) * sizing.processes)
+               for database in settings.databases]
+    url = result_backend_url(conf)
+    if url is not None:
+        connections = BACKEND_THREADS_PER_CHILD * sizing.processes + BACKEND_THREADS_IN_PARENT
+        entries.append(Entry(RESULT_BACKEND, _masked(url), server_of(url), connections))
+    return tuple(entries)
+
+
+def result_backend_url(conf: Mapping[str, Any]) -> str | None:
+    """The URL of Celery's database result backend, or None for another backend."""
+    from celery.app.backends import by_url
+
+    backend = conf.get("result_backend")
+    if not backend:
+        return None
+    try:
+        backend_cls, url = by_url(backend)
+    except Exception:
+        return None  # Celery itself reports a backend it cannot load
+    from celery.backends.database import DatabaseBackend
+
+    if not (isinstance(backend_cls, type) and issubclass(backend_cls, DatabaseBackend)):
+        return None
+    url = url or conf.get("database_url")
+    return url if isinstance(url, str) else None
+
+
+def describe(entries: tuple[Entry, ...]) -> str:
+    """One line for the start-up log: the total, then each database and its URL."""
+    total = sum(entry.connections for entry in entries)
+    parts = ", ".join(f"{entry.name!r} {entry.connections} ({entry.masked_url})"
+                      for entry in entries)
+    return f"{total}: {parts}" if entries else "0"
+
+
+def over_max_connections(entries: tuple[Entry, ...], limits: Mapping[str, int]) -> list[str]:
+    """A problem for each server whose ``max_connections`` the budget exceeds."""
+    problems = []
+    for server, limit in limits.items():
+        mine = [entry for entry in entries if entry.server == server]
+        total = sum(entry.connections for entry in mine)
+        if total <= limit:
+            continue
+        if len(mine) == 1:
+            where = f"Database {mine[0].name!r}"
+        else:
+            shares = ", ".join(f"{entry.name!r} {entry.connections}" for entry in mine)
+            where = f"Server {server} ({shares})"
+        problems.append(f"{where}: the worker may open {total} connections, above the "
+                        f"server's max_connections ({limit}); lower -c or "
+                        "asyncsql_connection_cap.")
+    return problems
+
+
+def server_of(url: str) -> str:
+    """``host:port`` of a database URL (the file for SQLite): which budgets add up."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if not parsed.host:
+        return f"{parsed.get_backend_name()}:{parsed.database or ''}"
+    port = parsed.port or _DEFAULT_PORTS.get(parsed.get_backend_name())
+    return f"{parsed.host}:{port}"
+
+
+def _masked(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
