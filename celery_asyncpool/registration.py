@@ -35,9 +35,7 @@ def register() -> None:
         AsyncPoolError: when ``celery.bin.worker`` no longer keeps its pool
             choices where this package extends them.
     """
-    from celery import concurrency
-
-    from celery import signals
+    from celery import concurrency, signals
 
     concurrency.ALIASES.setdefault(POOL_NAME, POOL_PATH)
     signals.worker_init.connect(_remember_worker, weak=False,
