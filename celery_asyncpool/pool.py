@@ -69,6 +69,12 @@ class TaskPool(BasePool):  # type: ignore[misc]
         if self._hub is None:
             self._driver.start_thread()
 
+    def register_with_event_loop(self, loop: Any) -> None:
+        """Watch the children again: Celery calls this each time the consumer starts its
+        loop, and after a broker connection loss the hub has dropped every fd."""
+        if self._supervisor is not None and loop is self._hub:
+            self._supervisor.watch()
+
     def _spawn_child(self, index: int) -> tuple[Any, int, int]:
         job_r, job_w = make_pipe()
         report_r, report_w = make_pipe()
