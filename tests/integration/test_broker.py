@@ -107,3 +107,32 @@ def test_connection_loss_running_tasks_finish_and_unstarted_are_redelivered(
         else:
             assert events(late.id, "cancelled") == 0
             assert events(late.id, "end") >= 1, "the running task finished"
+
+
+# --- row 16: prefetch is slots x multiplier, also after a reconnect ----------------------------
+
+def _prefetch(worker) -> int | None:
+    stats = worker.inspect(timeout=5).stats() or {}
+    return stats.get(worker.hostname, {}).get("prefetch_count")
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+def test_prefetch_is_restored_to_slots_times_multiplier_after_a_reconnect(worker_factory, broker):
+    """Celery lowers prefetch by the tasks running at a reconnect (when QoS is global, as on
+    RabbitMQ classic queues) and raises it again as new messages are acked."""
+    conf = {"asyncsql_processes": 2, "worker_prefetch_multiplier": 3,
+            "broker_transport_options": TRANSPORT}
+    with worker_factory(concurrency=4, include=INCLUDE, conf=conf, broker=broker) as worker:
+        assert _prefetch(worker) == 12
+        running = [worker.send(tb.hold, 6) for _ in range(2)]
+        eventually(lambda: all(events(r.id, "start") for r in running), 15, "two running")
+        assert drop_broker_connections(worker) >= 1
+        worker.wait_for_log("Connection to broker lost")
+        if broker == RABBITMQ_URL:
+            worker.wait_for_log("reducing the prefetch count to 6 ")  # 12 - 2 running x 3
+            assert _prefetch(worker) == 6
+        else:
+            worker.wait_for_log("Skipping prefetch count reduction")  # per-consumer QoS
+        assert all(r.get(timeout=30) for r in running)
+        assert all(r.get(timeout=30) for r in [worker.send(tb.hold, 0) for _ in range(6)])
+        eventually(lambda: _prefetch(worker) == 12, 20, "prefetch back at 4 slots x 3")
