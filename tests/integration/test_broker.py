@@ -82,31 +82,50 @@ def _reserved(worker) -> int:
 @pytest.mark.parametrize("broker", BROKERS)
 def test_connection_loss_running_tasks_finish_and_unstarted_are_redelivered(
         worker_factory, broker, cancel):
+    early, late, waiting = _lose_the_connection_with_tasks_in_flight(
+        worker_factory, broker, cancel, "asyncsql", tb.hold, tb.hold_late)
+    if cancel:
+        assert events(late.id, "cancelled") == 1, "the running acks_late task, once"
+        assert (events(late.id, "start"), events(late.id, "end")) == (2, 1), \
+            "then redelivered and run again to its end"
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["cancel-off", "cancel-on"])
+def test_prefork_on_connection_loss_as_a_reference(worker_factory, cancel):
+    """The same on stock prefork, with the sync twins: the asyncsql test asks no more."""
+    early, late, waiting = _lose_the_connection_with_tasks_in_flight(
+        worker_factory, REDIS_BROKER, cancel, "prefork", tb.sync_hold, tb.sync_hold_late)
+    if cancel:  # its process killed: no row for the cancel itself
+        assert (events(late.id, "start"), events(late.id, "end")) == (2, 1)
+
+
+def _lose_the_connection_with_tasks_in_flight(worker_factory, broker, cancel, pool,
+                                              hold, hold_late):
+    """Two slots busy (one task acked at its start, one ``acks_late``), three more
+    reserved; drop the broker connection; check what every pool must do."""
     conf = {"asyncsql_processes": 1, "broker_transport_options": TRANSPORT,
             "worker_cancel_long_running_tasks_on_connection_loss": cancel}
-    with worker_factory(concurrency=2, include=INCLUDE, conf=conf, broker=broker) as worker:
-        early = worker.send(tb.hold, 3)
-        late = worker.send(tb.hold_late, 3)
+    with worker_factory(pool=pool, concurrency=2, include=INCLUDE, conf=conf,
+                        broker=broker) as worker:
+        early = worker.send(hold, 3)
+        late = worker.send(hold_late, 3)
         eventually(lambda: events(early.id, "start") and events(late.id, "start"), 15,
                    "both slots busy")
-        waiting = [worker.send(tb.hold, 0.2) for _ in range(3)]
+        waiting = [worker.send(hold, 0.2) for _ in range(3)]
         eventually(lambda: _reserved(worker) == 3, 10, "three reserved, not started")
         assert drop_broker_connections(worker) >= 1
         worker.wait_for_log("Connection to broker lost")
         assert early.get(timeout=60) and late.get(timeout=60)
         assert all(r.get(timeout=60) for r in waiting)
-        assert (events(early.id, "start"), events(early.id, "end")) == (1, 1)
-        assert events(early.id, "cancelled") == 0, "a task acked at its start is never cancelled"
-        for r in waiting:
-            assert (events(r.id, "start"), events(r.id, "cancelled")) == (1, 0), \
-                "a task not started runs once, redelivered"
-        if cancel:
-            assert events(late.id, "cancelled") == 1, "the running acks_late task, once"
-            assert (events(late.id, "start"), events(late.id, "end")) == (2, 1), \
-                "then redelivered and run again to its end"
-        else:
-            assert events(late.id, "cancelled") == 0
-            assert events(late.id, "end") >= 1, "the running task finished"
+    assert (events(early.id, "start"), events(early.id, "end")) == (1, 1)
+    assert events(early.id, "cancelled") == 0, "a task acked at its start is never cancelled"
+    for r in waiting:
+        assert (events(r.id, "start"), events(r.id, "cancelled")) == (1, 0), \
+            "a task not started runs once, redelivered"
+    if not cancel:
+        assert events(late.id, "cancelled") == 0
+        assert events(late.id, "end") >= 1, "the running task finished"
+    return early, late, waiting
 
 
 # --- row 16: prefetch is slots x multiplier, also after a reconnect ----------------------------
