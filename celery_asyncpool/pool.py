@@ -82,6 +82,12 @@ class TaskPool(BasePool):  # type: ignore[misc]
         if self._hub is None:
             self._driver.start_thread()
 
+    def register_with_event_loop(self, loop: Any) -> None:
+        """Watch the children again: Celery calls this each time the consumer starts its
+        loop, and after a broker connection loss the hub has dropped every fd."""
+        if self._supervisor is not None and loop is self._hub:
+            self._supervisor.watch()
+
     def _spawn_child(self, index: int) -> tuple[Any, int, int]:
         """Start one child by ``worker_pool_start_method``: forked, or a fresh interpreter.
 
@@ -202,6 +208,7 @@ class TaskPool(BasePool):  # type: ignore[misc]
             supervisor.kill_all()
             self._driver.run_until(lambda: not supervisor.children, timeout_s=5)
         self._driver.close()
+        _wake(self._hub)
 
     # --- reporting ------------------------------------------------------------------------
 
@@ -255,6 +262,23 @@ class PipeEnd:
 
 def _received_pipe_end(dup: Any) -> PipeEnd:
     return PipeEnd(dup.detach())
+
+
+def _wake(hub: Any) -> None:
+    """End the hub's current wait. Celery's cold shutdown stops the pool from a signal
+    handler, then the hub polls on; with our pipes gone from it, only a broker
+    that talks (Redis does every second, RabbitMQ may not) would wake it to exit."""
+    if hub is None:
+        return
+    wake_r, wake_w = os.pipe()
+
+    def woken() -> None:
+        hub.remove_reader(wake_r)
+        os.close(wake_r)
+
+    hub.add_reader(wake_r, woken)
+    os.write(wake_w, b"\0")
+    os.close(wake_w)
 
 
 def _flush_hub_callbacks(hub: Any) -> None:

@@ -14,7 +14,6 @@ around what the consumer's thread calls.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import signal
@@ -60,10 +59,14 @@ class Job:
         self.deadlines: list[tuple[float, Callback]] = []
 
     def terminate(self, signum: int | None = None) -> None:
-        """Revoke this job now: Celery's cold shutdown calls this from its signal handler,
-        then stops the pool there and waits; without a hub, from the consumer's thread."""
-        with getattr(self.supervisor.driver, "lock", None) or contextlib.nullcontext():
-            self.supervisor.revoke(self, signum or signal.SIGTERM)
+        """Cancel this job from the loop, as prefork's kill is seen there, not now.
+
+        Celery calls this from inside its handlers. On a broker connection loss,
+        a slot freed now would go to a request Celery is about to discard and the
+        broker redelivers, and the task would run twice.
+        """
+        self.supervisor.driver.call_later(0, self.supervisor.revoke, self,
+                                          signum or signal.SIGTERM)
 
     def settle(self, outcome: Any = None, error: BaseException | None = None,
                notify: bool = True) -> None:
@@ -354,17 +357,28 @@ class Supervisor:
                      child.pid, job_id, self.cancel_grace_s, reason)
         _kill(child.pid)
 
+    def watch(self) -> None:
+        """Register every child's report pipe, sentinel and pending writes with the driver.
+
+        Again after the broker connection drops: the worker's hub then forgets
+        every fd (``Hub.reset``), and no report or exit would be seen.
+        """
+        for child in self.children.values():
+            self.driver.add_reader(child.report_fd, self._on_reports, child)
+            self.driver.add_reader(child.process.sentinel, self._on_exit, child)
+            if child.outbox:
+                self.driver.add_writer(child.job_fd, self._flush, child)
+
     def move_to(self, driver: Any) -> None:
         """Watch the children and run the job timers on ``driver`` instead (the hub stopped)."""
         old, self.driver = self.driver, driver
         for child in self.children.values():
             for fd in (child.report_fd, child.process.sentinel):
                 old.remove_reader(fd)
-            driver.add_reader(child.report_fd, self._on_reports, child)
-            driver.add_reader(child.process.sentinel, self._on_exit, child)
             if child.outbox:
                 old.remove_writer(child.job_fd)
-                driver.add_writer(child.job_fd, self._flush, child)
+        self.watch()
+        for child in self.children.values():
             for job in child.jobs.values():
                 deadlines = list(job.deadlines)
                 job.cancel_timers()

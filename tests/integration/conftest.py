@@ -27,6 +27,8 @@ import redis
 ROOT = Path(__file__).resolve().parents[2]
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS_URL = "redis://127.0.0.1:6379/14"
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
+BROKERS = [pytest.param(REDIS_URL, id="redis"), pytest.param(RABBITMQ_URL, id="amqp")]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -83,17 +85,62 @@ class Worker:
     """A ``celery worker`` subprocess on a queue of its own."""
 
     def __init__(self, proc: subprocess.Popen[bytes], queue: str, app_name: str,
-                 log_path: Path) -> None:
+                 log_path: Path, broker: str = REDIS_URL) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.queue = queue
         self.app_name = app_name
         self.hostname = f"{queue}@{socket.gethostname()}"
         self.log_path = log_path
+        self.broker = broker
+        self._connection = None
+        self._client = None
+
+    def connection(self):
+        """A connection to this worker's broker, to publish on."""
+        from .app import app
+
+        if self._connection is None:
+            self._connection = app.connection_for_write(self.broker)
+        return self._connection
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.release()
+            self._connection = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def send(self, task, *args, **options):
-        """Publish ``task`` to this worker's queue."""
+        """Publish ``task`` to this worker's queue, on this worker's broker."""
+        if self.broker != REDIS_URL:
+            options.setdefault("connection", self.connection())
         return task.apply_async(args=args, queue=self.queue, **options)
+
+    def inspect(self, timeout: float = 2):
+        """``inspect`` for this worker alone, on its broker."""
+        return self.control().inspect(destination=[self.hostname], timeout=timeout)
+
+    def control(self):
+        """``app.control`` on this worker's broker (its mailbox publishes on the app's own)."""
+        from celery import Celery
+
+        from .app import app
+
+        if self.broker == REDIS_URL:
+            return app.control
+        if self._client is None:
+            self._client = Celery("itest-client", broker=self.broker,
+                                  backend=app.conf.result_backend)
+        return self._client.control
+
+    def queued(self) -> int:
+        """Messages ready (not delivered) in this worker's queue on its broker."""
+        channel = self.connection().default_channel
+        if self.broker.startswith("redis"):
+            return int(channel.client.llen(self.queue))
+        return channel.queue_declare(self.queue, passive=True).message_count
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -158,7 +205,8 @@ def _is_semaphore_tracker(process: psutil.Process) -> bool:
 def run_worker(tmp_path: Path, *, pool: str = "asyncsql", concurrency: int = 2,
                conf: dict | None = None, args: tuple[str, ...] = (),
                include: str = "tests.integration.tasks", env: dict | None = None,
-               ready: bool = True, queue: str | None = None) -> Iterator[Worker]:
+               ready: bool = True, queue: str | None = None,
+               broker: str = REDIS_URL) -> Iterator[Worker]:
     """Start a worker (on a new queue unless given one), wait until it is ready, stop it."""
     queue = queue or f"itest-{uuid.uuid4().hex[:10]}"
     app_name = queue
@@ -170,6 +218,7 @@ def run_worker(tmp_path: Path, *, pool: str = "asyncsql", concurrency: int = 2,
         "ITEST_INCLUDE": include,
         "ITEST_CONF": json.dumps(conf or {}),
         "PYTHONPATH": str(ROOT),
+        "ITEST_BROKER": broker,
         **(env or {}),
     }
     command = [sys.executable, "-m", "celery", "-A", "tests.integration.app", "worker",
@@ -183,7 +232,7 @@ def run_worker(tmp_path: Path, *, pool: str = "asyncsql", concurrency: int = 2,
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log,
                                 stderr=subprocess.STDOUT)
-    worker = Worker(proc, queue, app_name, log_path)
+    worker = Worker(proc, queue, app_name, log_path, broker)
     try:
         if ready:
             worker.wait_for_log(" ready.")
@@ -194,6 +243,7 @@ def run_worker(tmp_path: Path, *, pool: str = "asyncsql", concurrency: int = 2,
                 worker.stop(timeout_s=30)
             except AssertionError:
                 pass
+        worker.close()
 
 
 @pytest.fixture
