@@ -78,12 +78,13 @@ def _reserved(worker) -> int:
 
 # --- row 21: running tasks finish, unstarted ones are redelivered -----------------------------
 
+@pytest.mark.parametrize("processes", [1, 2], ids=["2-slots", "1-slot"])
 @pytest.mark.parametrize("cancel", [False, True], ids=["cancel-off", "cancel-on"])
 @pytest.mark.parametrize("broker", BROKERS)
 def test_connection_loss_running_tasks_finish_and_unstarted_are_redelivered(
-        worker_factory, broker, cancel):
+        worker_factory, broker, cancel, processes):
     early, late, waiting = _lose_the_connection_with_tasks_in_flight(
-        worker_factory, broker, cancel, "asyncsql", tb.hold, tb.hold_late)
+        worker_factory, broker, cancel, "asyncsql", tb.hold, tb.hold_late, processes)
     if cancel:
         assert events(late.id, "cancelled") == 1, "the running acks_late task, once"
         assert (events(late.id, "start"), events(late.id, "end")) == (2, 1), \
@@ -100,10 +101,11 @@ def test_prefork_on_connection_loss_as_a_reference(worker_factory, cancel):
 
 
 def _lose_the_connection_with_tasks_in_flight(worker_factory, broker, cancel, pool,
-                                              hold, hold_late):
-    """Two slots busy (one task acked at its start, one ``acks_late``), three more
-    reserved; drop the broker connection; check what every pool must do."""
-    conf = {"asyncsql_processes": 1, "broker_transport_options": TRANSPORT,
+                                              hold, hold_late, processes=1):
+    """Two slots busy (one task acked at its start, one ``acks_late``; in one child or
+    one each in two), three more reserved; drop the broker connection; check what
+    every pool must do."""
+    conf = {"asyncsql_processes": processes, "broker_transport_options": TRANSPORT,
             "worker_cancel_long_running_tasks_on_connection_loss": cancel}
     with worker_factory(pool=pool, concurrency=2, include=INCLUDE, conf=conf,
                         broker=broker) as worker:

@@ -235,20 +235,24 @@ def queued_task_ids(queue):
     return {json.loads(raw)["headers"]["id"] for raw in broker_redis().lrange(queue, 0, -1)}
 
 
-@pytest.mark.parametrize("pool,early,late", [
-    ("asyncsql", tasks_lifecycle.db_sleep, tasks_lifecycle.db_sleep_late),
-    ("prefork", tasks_lifecycle.sync_timed_sleep, tasks_lifecycle.sync_timed_sleep_late)])
+@pytest.mark.parametrize("pool,processes,early,late", [
+    pytest.param("asyncsql", 1, tasks_lifecycle.db_sleep, tasks_lifecycle.db_sleep_late,
+                 id="asyncsql-4-slots"),
+    pytest.param("asyncsql", 4, tasks_lifecycle.db_sleep, tasks_lifecycle.db_sleep_late,
+                 id="asyncsql-1-slot"),
+    pytest.param("prefork", 1, tasks_lifecycle.sync_timed_sleep,
+                 tasks_lifecycle.sync_timed_sleep_late, id="prefork")])
 def test_soft_shutdown_timeout_lets_short_tasks_finish_then_cancels_long_ones(
-        worker_factory, pool, early, late):
+        worker_factory, pool, processes, early, late):
     conf = {"worker_soft_shutdown_timeout": SOFT_SHUTDOWN_S, "task_track_started": True,
-            "asyncsql_processes": 1}  # every task in one child
+            "asyncsql_processes": processes}  # four slots in one child, or one in each of four
     with worker_factory(pool=pool, concurrency=4, include=INCLUDE, conf=conf) as worker:
         short = [worker.send(early, 1), worker.send(late, 1)]
         long_early, long_late = worker.send(early, 60), worker.send(late, 60)
         everything = [*short, long_early, long_late]
         eventually(lambda: all(r.state == "STARTED" for r in everything), what="all started")
         if pool == "asyncsql":
-            assert len({r.info["pid"] for r in everything}) == 1, "all in one child"
+            assert len({r.info["pid"] for r in everything}) == processes, "one child per process"
         sigquit_at = time.time()
         started = time.monotonic()
         worker.stop(signal.SIGQUIT, timeout_s=60)
