@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import redis
 from celery import Celery
 
 from .settings import BACKEND_URL, BROKER_URL
-from .worker import ROOT
+from .worker import ROOT, stop_worker
 
 TIMER_INTERVAL_S = 0.01
 
@@ -62,12 +61,7 @@ def running_worker(switch_interval_s: float) -> Iterator[str]:
     try:
         yield queue
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_worker(process)
 
 
 def call(client: Celery, queue: str, name: str, *args: Any) -> Any:

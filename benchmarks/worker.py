@@ -66,10 +66,11 @@ def running_worker(scenario: Scenario, round_: int, logs: Path) -> Iterator[Work
     try:
         yield Worker(scenario, queue, process, log_path)
     finally:
-        _stop(process)
+        stop_worker(process)
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop_worker(process: subprocess.Popen[bytes]) -> None:
+    """Warm shutdown; the whole process group killed if it takes over a minute."""
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(60)

@@ -16,7 +16,7 @@ from celery.backends.database import DatabaseBackend
 from . import tasks, tasks_slots as ts
 from .app import app
 from .conftest import pg_connections
-from .test_slots import INCLUDE, slot_worker
+from .test_slots import slot_worker
 
 BACKEND_URL = "postgresql+psycopg://postgres:hunter2@127.0.0.1:5432/test"  # trust: unused
 MASKED_URL = "postgresql+psycopg://postgres:***@127.0.0.1:5432/test"
