@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from contextlib import nullcontext
+from types import FrameType
 from typing import Any
 
 from billiard import get_context, reduction
@@ -169,7 +171,16 @@ class TaskPool(BasePool):  # type: ignore[misc]
     # --- stop -----------------------------------------------------------------------------
 
     def on_stop(self) -> None:
-        """Warm shutdown: in-flight jobs finish, then each child disposes its engines and exits."""
+        """Warm shutdown: in-flight jobs finish, then each child disposes its engines and exits.
+
+        Celery's cold shutdown also calls this, from its signal handler. When that
+        handler interrupted the supervisor itself, its half-done step must not be
+        re-entered: the stop is left to ``on_terminate``, which Celery calls next.
+        """
+        if runs_over_our_code(sys._getframe(1)):
+            logger.info("asyncsql pool: the cold shutdown interrupted the pool's own work; "
+                        "the pool stops once the worker terminates, a moment later")
+            return
         supervisor = self._take_over_driver()
         if supervisor is None:
             return
@@ -262,6 +273,16 @@ class PipeEnd:
 
 def _received_pipe_end(dup: Any) -> PipeEnd:
     return PipeEnd(dup.detach())
+
+
+def runs_over_our_code(frame: FrameType | None) -> bool:
+    """Whether ``frame`` or one below it runs this package's code: Celery calls the pool's
+    hooks from its own code, so such a frame means a signal handler interrupted ours."""
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(f"{__package__}."):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _wake(hub: Any) -> None:
