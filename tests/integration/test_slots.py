@@ -54,21 +54,26 @@ def most_at_once(intervals) -> int:
 
 # --- row 3: slots x sleep(1) finish in about 1 s, no child above its slots ---------------------
 
-@pytest.mark.parametrize("broker", BROKERS)
-def test_slots_run_at_once_and_no_child_runs_more_than_its_slots(worker_factory, broker):
-    with slot_worker(worker_factory, slots=8, processes=2, broker=broker) as worker:
+@pytest.mark.parametrize("broker,slots", [
+    pytest.param(REDIS_URL, 8, id="redis-4-slots"),
+    pytest.param(RABBITMQ_URL, 8, id="amqp-4-slots"),
+    pytest.param(REDIS_URL, 2, id="redis-1-slot"),
+])
+def test_slots_run_at_once_and_no_child_runs_more_than_its_slots(worker_factory, broker, slots):
+    per_child = slots // 2
+    with slot_worker(worker_factory, slots=slots, processes=2, broker=broker) as worker:
         children = worker.wait_for_children(2)
         [worker.send(ts.span, 0).get(timeout=30) for _ in range(4)]  # warm
         started = time.monotonic()
-        results = [worker.send(ts.span, 1) for _ in range(16)]
+        results = [worker.send(ts.span, 1) for _ in range(2 * slots)]
         done = [r.get(timeout=30) for r in results]
         elapsed = time.monotonic() - started
-        assert elapsed < 3.5, f"16 one-second tasks on 8 slots took {elapsed:.1f}s"
+        assert elapsed < 3.5, f"{2 * slots} one-second tasks on {slots} slots took {elapsed:.1f}s"
         assert {d["child"] for d in done} == set(children)
         for child in children:
             mine = [(d["start"], d["end"]) for d in done if d["child"] == child]
-            assert most_at_once(mine) <= 4, f"child {child} ran more than its 4 slots"
-        assert most_at_once([(d["start"], d["end"]) for d in done]) == 8
+            assert most_at_once(mine) <= per_child, f"child {child} ran more than its slots"
+        assert most_at_once([(d["start"], d["end"]) for d in done]) == slots
 
 
 def test_no_task_waits_behind_a_busy_child_while_another_has_room(worker_factory):
@@ -183,10 +188,12 @@ def test_max_tasks_per_child_replaces_children_without_a_stall_or_a_lost_task(
 
 # --- rows 16-18: prefetch, inspect stats and active --------------------------------------------
 
-def test_prefetch_stats_and_active_count_slots(worker_factory):
-    with slot_worker(worker_factory, slots=6, processes=2,
+@pytest.mark.parametrize("processes", [2, 6], ids=["3-slots", "1-slot"])
+def test_prefetch_stats_and_active_count_slots(worker_factory, processes):
+    per_child = 6 // processes
+    with slot_worker(worker_factory, slots=6, processes=processes,
                      conf={"worker_prefetch_multiplier": 3}) as worker:
-        children = worker.wait_for_children(2)
+        children = worker.wait_for_children(processes)
         running = [worker.send(ts.db_span, 3) for _ in range(6)]
         eventually(lambda: _inspect_active(worker) == 6, 10, "every slot busy")
         time.sleep(1.5)  # a snapshot from each child
@@ -195,11 +202,11 @@ def test_prefetch_stats_and_active_count_slots(worker_factory):
         assert mine["prefetch_count"] == 18, "prefetch = slots x multiplier"
         pool = mine["pool"]
         assert pool["max-concurrency"] == 6 and sorted(pool["processes"]) == children
-        per_child = {c["pid"]: c for c in pool["asyncsql"]["children"]}
-        assert set(per_child) == set(children)
-        for child in per_child.values():
-            assert child["slots"] == 3 and child["in-flight"] == 3
-            assert child["engines"]["default"]["checked_out"] == 3
+        per_pid = {c["pid"]: c for c in pool["asyncsql"]["children"]}
+        assert set(per_pid) == set(children)
+        for child in per_pid.values():
+            assert child["slots"] == per_child and child["in-flight"] == per_child
+            assert child["engines"]["default"]["checked_out"] == per_child
             assert child["snapshot-age-s"] < 2
         assert pool["asyncsql"]["connection-budget"] == {"default": 6}
         [r.get(timeout=20) for r in running]
