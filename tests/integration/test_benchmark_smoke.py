@@ -8,11 +8,13 @@ import sys
 from .conftest import ROOT
 
 
+SMOKE_ENV = {"BENCH_DATABASE": "postgres@127.0.0.1:5432/asyncsql_bench_smoke",
+             "BENCH_BROKER": "redis://127.0.0.1:6379/9",
+             "BENCH_BACKEND": "redis://127.0.0.1:6379/10"}
+
+
 def test_benchmark_runs_every_scenario_and_writes_its_report(tmp_path):
-    env = {**os.environ,
-           "BENCH_DATABASE": "postgres@127.0.0.1:5432/asyncsql_bench_smoke",
-           "BENCH_BROKER": "redis://127.0.0.1:6379/9",
-           "BENCH_BACKEND": "redis://127.0.0.1:6379/10"}
+    env = {**os.environ, **SMOKE_ENV}
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--tasks", "12", "--rounds", "1", "--out",
          str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -33,3 +35,14 @@ def test_benchmark_runs_every_scenario_and_writes_its_report(tmp_path):
     assert {t["scenario"] for t in report["targets"]} == {"asyncsql", "asyncsql-100"}
     assert "| tiny | asyncsql |" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "throughput.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_loop_lag_measurement_runs_and_prints_its_figures():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.loop_lag", "--rounds", "1", "--seconds", "0.5",
+         "--switch-intervals", "0.001"], cwd=ROOT, env={**os.environ, **SMOKE_ENV},
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "publish from a coroutine: first call" in done.stdout, done.stdout
+    lag = [line for line in done.stdout.splitlines() if line.startswith("| SELECT 1 per second")]
+    assert lag and float(lag[0].split("|")[-2].strip().rstrip("x")) > 0, done.stdout
