@@ -275,11 +275,15 @@ def _received_pipe_end(dup: Any) -> PipeEnd:
     return PipeEnd(dup.detach())
 
 
+_PARENT_MODULES = frozenset(f"{__package__}.{name}"
+                            for name in ("pool", "supervisor", "driver", "protocol"))
+
+
 def runs_over_our_code(frame: FrameType | None) -> bool:
-    """Whether ``frame`` or one below it runs this package's code: Celery calls the pool's
-    hooks from its own code, so such a frame means a signal handler interrupted ours."""
+    """Whether ``frame`` or one below it runs the pool's parent-side code: Celery calls the
+    pool's hooks from its own code, so such a frame means a signal handler interrupted it."""
     while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith(f"{__package__}."):
+        if frame.f_globals.get("__name__") in _PARENT_MODULES:
             return True
         frame = frame.f_back
     return False
