@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Settings
+from .config import Settings, masked_url
 from .database import Sizing, connections_per_process
 
 RESULT_BACKEND = "result-backend"
@@ -52,7 +52,7 @@ def connection_budget(conf: Mapping[str, Any], settings: Settings,
     url = result_backend_url(conf)
     if url is not None:
         connections = BACKEND_THREADS_PER_CHILD * sizing.processes + BACKEND_THREADS_IN_PARENT
-        entries.append(Entry(RESULT_BACKEND, _masked(url), server_of(url), connections))
+        entries.append(Entry(RESULT_BACKEND, masked_url(url), server_of(url), connections))
     return tuple(entries)
 
 
@@ -111,9 +111,3 @@ def server_of(url: str) -> str:
         return f"{parsed.get_backend_name()}:{parsed.database or ''}"
     port = parsed.port or _DEFAULT_PORTS.get(parsed.get_backend_name())
     return f"{parsed.host}:{port}"
-
-
-def _masked(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)

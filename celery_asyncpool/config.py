@@ -103,9 +103,14 @@ class DatabaseSettings:
     @property
     def masked_url(self) -> str:
         """The URL with its password hidden, safe for logs and banners."""
-        from sqlalchemy.engine import make_url
+        return masked_url(self.url)
 
-        return make_url(self.url).render_as_string(hide_password=True)
+
+def masked_url(url: str) -> str:
+    """``url`` with its password hidden, safe for logs, banners and ``inspect``."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 @dataclass(frozen=True)

@@ -122,13 +122,11 @@ class ReportPipe:
 class _Job:
     """One job read from the pipe: its tracer call, and for an async task the tracer greenlet."""
 
-    __slots__ = ("call", "id", "runner", "task", "tracer")
+    __slots__ = ("call", "id", "runner", "tracer")
 
-    def __init__(self, job_id: int, call: Callable[[], Outcome], is_async: bool,
-                 task: str) -> None:
+    def __init__(self, job_id: int, call: functools.partial[Outcome], is_async: bool) -> None:
         self.id = job_id
         self.call = call
-        self.task = task  # "name[id]", for the loop watchdog
         self.tracer = greenlets.Tracer(call) if is_async else None
         self.runner: asyncio.Task[None] | None = None  # held: the loop keeps Tasks weakly
 
@@ -202,7 +200,7 @@ class JobServer:
         """
         for job in list(self._jobs.values()):  # list(): one step, safe from another thread
             if running is not None and running in (job.runner, getattr(job.tracer, "body", None)):
-                return f"task {job.task} (job {job.id})"
+                return f"task {_task_label(job.call.args)} (job {job.id})"
         return f"no task of this child ({running!r})"
 
     # --- messages from the parent ---------------------------------------------------------
@@ -232,8 +230,7 @@ class JobServer:
                            "running it anyway. The parent must send at most %d at once.",
                            job_id, self._slots, self._slots)
         is_async = bool(args) and args[0] in self._async_tasks  # args[0]: the task's name
-        job = _Job(job_id, functools.partial(target, *args, **kwargs), is_async,
-                   _task_label(args))
+        job = _Job(job_id, functools.partial(target, *args, **kwargs), is_async)
         self._jobs[job_id] = job
         if is_async:
             self._ack(job_id, time.monotonic())

@@ -166,8 +166,7 @@ class Supervisor:
         os.set_blocking(report_fd, False)
         child = ChildProcess(index, process, job_fd, report_fd, self.slots_per_child)
         self.children[child.pid] = child
-        self.driver.add_reader(report_fd, self._on_reports, child)
-        self.driver.add_reader(process.sentinel, self._on_exit, child)
+        self._watch(child)
 
     def _on_reports(self, child: ChildProcess) -> None:
         messages = protocol.read_available(child.report_fd, child.decoder)
@@ -364,10 +363,13 @@ class Supervisor:
         every fd (``Hub.reset``), and no report or exit would be seen.
         """
         for child in self.children.values():
-            self.driver.add_reader(child.report_fd, self._on_reports, child)
-            self.driver.add_reader(child.process.sentinel, self._on_exit, child)
-            if child.outbox:
-                self.driver.add_writer(child.job_fd, self._flush, child)
+            self._watch(child)
+
+    def _watch(self, child: ChildProcess) -> None:
+        self.driver.add_reader(child.report_fd, self._on_reports, child)
+        self.driver.add_reader(child.process.sentinel, self._on_exit, child)
+        if child.outbox:
+            self.driver.add_writer(child.job_fd, self._flush, child)
 
     def move_to(self, driver: Any) -> None:
         """Watch the children and run the job timers on ``driver`` instead (the hub stopped)."""
