@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -111,6 +112,25 @@ def masked_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+_URL_PASSWORD = re.compile(r"([a-zA-Z][\w+.-]*://[^:/?#@\s'\"]*):[^@/?#\s'\"]+@")
+
+
+def masked_values(value: Any) -> Any:
+    """``value`` with the password of every URL in its strings hidden, at any depth.
+
+    Celery censors a setting by its key alone, so a URL nested in
+    ``asyncsql_databases`` would otherwise reach ``inspect conf`` and
+    ``inspect report`` as written.
+    """
+    if isinstance(value, Mapping):
+        return {key: masked_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [masked_values(item) for item in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1:***@", value)
+    return value
 
 
 @dataclass(frozen=True)

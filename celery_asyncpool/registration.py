@@ -11,21 +11,29 @@ The worker's ``Pool`` bootstep hands the pool only ``min_concurrency``
 (``celery/worker/components.py``, ``Pool.create``); the autoscale maximum is
 on the worker. A ``worker_init`` receiver remembers the worker being built,
 so the pool can lay its children out for that maximum (``autoscale_maximum``).
+
+``inspect conf`` and ``inspect report`` (``celery/worker/control.py``)
+censor settings by key, which misses a URL nested in ``asyncsql_databases``.
+Another ``worker_init`` receiver re-registers both commands, through Celery's
+own ``inspect_command``, to hide the password of every URL in their replies.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import weakref
 from typing import Any
 
+from .config import masked_values
 from .errors import AsyncPoolError
 
 logger = logging.getLogger(__name__)
 
 POOL_NAME = "asyncsql"
 POOL_PATH = "celery_asyncpool.pool:TaskPool"
+MASKED_COMMANDS = ("conf", "report")
 
 
 def register() -> None:
@@ -40,6 +48,8 @@ def register() -> None:
     concurrency.ALIASES.setdefault(POOL_NAME, POOL_PATH)
     signals.worker_init.connect(_remember_worker, weak=False,
                                 dispatch_uid="celery_asyncpool.remember_worker")
+    signals.worker_init.connect(_mask_inspect_replies, weak=False,
+                                dispatch_uid="celery_asyncpool.mask_inspect_replies")
     worker_cli = sys.modules.get("celery.bin.worker")
     if worker_cli is not None:
         _extend_cli_choices(worker_cli)
@@ -55,6 +65,37 @@ def _extend_cli_choices(worker_cli: object) -> None:
             "worker_pool = 'asyncsql' in the Celery config instead.")
     if POOL_NAME not in choices:
         option.choices = (*choices, POOL_NAME)  # type: ignore[union-attr]
+
+
+def _mask_inspect_replies(**_: Any) -> None:
+    """Make ``inspect conf`` and ``inspect report`` hide URL passwords, in this worker.
+
+    Raises:
+        AsyncPoolError: when Celery no longer has a command this wraps.
+    """
+    from celery.worker import control
+
+    for name in MASKED_COMMANDS:
+        original = control.Panel.data.get(name)
+        info = control.Panel.meta.get(name)
+        if original is None or info is None:
+            raise AsyncPoolError(
+                f"celery.worker.control no longer registers the `{name}` inspect command "
+                f"whose reply celery_asyncpool masks, so it could show database passwords "
+                f"from asyncsql_databases. Pin celery<5.8 or report this Celery version.")
+        if not getattr(original, "masks_urls", False):
+            control.inspect_command(
+                name=name, alias=info.alias, signature=info.signature, args=info.args,
+                default_timeout=info.default_timeout, help=info.help)(_masked(original))
+
+
+def _masked(command: Any) -> Any:
+    @functools.wraps(command)
+    def masked(state: Any, *args: Any, **kwargs: Any) -> Any:
+        return masked_values(command(state, *args, **kwargs))
+
+    masked.masks_urls = True  # type: ignore[attr-defined]
+    return masked
 
 
 _worker: weakref.ref[Any] | None = None

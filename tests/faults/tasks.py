@@ -31,3 +31,10 @@ async def effect(self, run: str, hold_s: float = 0.0) -> int:
     await asyncio.sleep(hold_s)
     await record(run, self.request.id)
     return os.getpid()
+
+
+@app.task
+async def select_one(database: str = "default") -> int:
+    """``SELECT 1`` on a named database: fails where that database cannot be reached."""
+    async with session(database) as s:
+        return int((await s.execute(text("SELECT 1"))).scalar_one())

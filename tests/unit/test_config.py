@@ -113,3 +113,13 @@ def test_readme_settings_reference_matches_the_definitions():
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert settings_reference() in readme, "regenerate the README table from settings_reference()"
+
+
+def test_masked_values_hide_every_url_password_and_leave_the_rest():
+    from celery_asyncpool.config import masked_values
+
+    value = {"a": ["postgresql+asyncpg://user:p%40ss@host:5432/db", "no url", 3],
+             "b": {"c": "see redis://:secret@127.0.0.1:6379/0 and sqlite+aiosqlite:///x.db"}}
+    assert masked_values(value) == {
+        "a": ["postgresql+asyncpg://user:***@host:5432/db", "no url", 3],
+        "b": {"c": "see redis://:***@127.0.0.1:6379/0 and sqlite+aiosqlite:///x.db"}}

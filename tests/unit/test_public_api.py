@@ -77,3 +77,38 @@ def test_a_celery_without_max_concurrency_falls_back_loudly(caplog):
     signals.worker_init.send(sender=moved)
     assert registration.autoscale_maximum(2) is None
     assert "children are laid out for 2 slot(s) only" in caplog.text
+
+
+class _State:
+    """What a control command gets: the worker's consumer state, with its app."""
+
+    def __init__(self, conf):
+        from celery import Celery
+
+        self.app = Celery("masked", set_as_current=False)
+        self.app.conf.update(conf)
+
+
+def test_inspect_conf_and_report_hide_passwords_of_urls_nested_in_our_settings():
+    from celery import signals
+    from celery.worker import control
+
+    registration.register()
+    signals.worker_init.send(sender=None)
+    signals.worker_init.send(sender=None)  # a second worker in the process wraps nothing twice
+    state = _State({"asyncsql_databases": {"reports": "postgresql+asyncpg://u:pw-1@h/db",
+                                           "archive": {"url": "postgresql+asyncpg://u:pw-2@h/a"}}})
+    conf = control.Panel.data["conf"](state)
+    report = control.Panel.data["report"](state)["ok"]
+    assert conf["asyncsql_databases"] == {"reports": "postgresql+asyncpg://u:***@h/db",
+                                          "archive": {"url": "postgresql+asyncpg://u:***@h/a"}}
+    assert "u:***@h/db" in report and "pw-1" not in report and "pw-2" not in report
+    assert not getattr(control.Panel.data["conf"].__wrapped__, "masks_urls", False)
+
+
+def test_a_celery_without_the_conf_command_fails_loudly(monkeypatch):
+    from celery.worker import control
+
+    monkeypatch.delitem(control.Panel.data, "conf")
+    with pytest.raises(AsyncPoolError, match="no longer registers the `conf` inspect command"):
+        registration._mask_inspect_replies()
