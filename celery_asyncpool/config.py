@@ -193,7 +193,8 @@ def _reject_unknown_keys(conf: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(key.lower(), KNOWN_KEYS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigurationError(
-                f"Unknown setting {key!r}.{hint} Known settings: {', '.join(KNOWN_KEYS)}."
+                f"Unknown setting {key!r} (value {masked_values(conf[key])!r}).{hint} "
+                f"Known settings: {', '.join(KNOWN_KEYS)}."
             )
 
 

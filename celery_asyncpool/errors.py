@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from celery.exceptions import ImproperlyConfigured
+from click import ClickException
 
 
 class AsyncPoolError(Exception):
     """Base class for every error this package raises."""
 
 
-class ConfigurationError(AsyncPoolError, ImproperlyConfigured):  # type: ignore[misc]
-    """An ``asyncsql_*`` setting has a wrong name, type or value."""
+class ConfigurationError(AsyncPoolError, ImproperlyConfigured, ClickException):  # type: ignore[misc]
+    """An ``asyncsql_*`` setting has a wrong name, type or value.
+
+    A ``ClickException`` too, so the ``celery`` command prints the message
+    alone (``Error: ...``, exit status 1) rather than a traceback.
+    """
 
 
 class NoRuntimeError(AsyncPoolError):

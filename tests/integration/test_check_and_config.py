@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from . import tasks
 from .conftest import ROOT, pg_scalar
@@ -39,29 +38,6 @@ def test_check_fails_when_the_budget_exceeds_max_connections():
                   conf={"asyncsql_engine_options": {"pool_size": 1000}})
     assert done.returncode == 1
     assert "above the server's max_connections" in done.stderr
-
-
-@pytest.mark.parametrize("conf,message", [
-    ({"asyncsql_proceses": 2}, "Did you mean 'asyncsql_processes'?"),
-    ({"asyncsql_engine_options": {"pool_sise": 3}}, "rejected by create_async_engine"),
-    ({"asyncsql_processes": 0}, "Setting asyncsql_processes has value 0; expected a whole "
-                                "number >= 1, or None."),
-    ({"asyncsql_database_url": "postgresql+psycopg2://u:pw@h/db"},
-     "driver 'psycopg2' is not async"),
-])
-def test_a_worker_with_a_bad_setting_fails_at_start_up_naming_it(conf, message):
-    done = celery("worker", "-P", "asyncsql", "-c", "2", "-Q", "itest-never-used", conf=conf)
-    assert done.returncode != 0
-    assert message in done.stdout + done.stderr
-    assert "pw@" not in done.stdout + done.stderr
-
-
-def test_a_worker_warns_at_start_up_when_its_budget_exceeds_max_connections(worker_factory):
-    conf = {"asyncsql_engine_options": {"pool_size": 1000}}
-    with worker_factory(concurrency=2, conf=conf) as worker:
-        worker.wait_for_log("asyncsql pool at start-up: Database 'default': the worker may open "
-                            "2000 connections, above the server's max_connections")
-        assert worker.send(tasks.async_add, 1, 2).get(timeout=30) == 3
 
 
 def test_a_worker_starts_and_says_so_when_its_database_is_unreachable(worker_factory):

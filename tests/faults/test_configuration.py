@@ -1,0 +1,60 @@
+"""Bad configuration fails a real worker at start-up, naming the key, the value and the fix."""
+
+import json
+import os
+import subprocess
+import sys
+
+from celery_asyncpool.config import OPTIONS
+from tests.integration import tasks
+from tests.integration.conftest import ROOT
+
+WRONG = {  # one wrong type or range for every setting; a new setting must be added here
+    "asyncsql_processes": 0,
+    "asyncsql_database_url": 5,
+    "asyncsql_engine_options": ["pool_size"],
+    "asyncsql_session_options": "expire_on_commit=False",
+    "asyncsql_databases": ["reports"],
+    "asyncsql_connection_cap": 0,
+    "asyncsql_hook_timeout_s": 0,
+    "asyncsql_cancel_grace_s": -1,
+    "asyncsql_loop_block_warning_s": "1",
+    "asyncsql_switch_interval_s": 0,
+}
+EXPECTED = {option.key: option.expected for option in OPTIONS}
+OTHER_MISTAKES = [
+    ({"asyncsql_proceses": 2}, "Unknown setting 'asyncsql_proceses' (value 2). Did you mean "
+                               "'asyncsql_processes'?"),
+    ({"asyncsql_engine_options": {"pool_sise": 3}}, "rejected by create_async_engine"),
+    ({"asyncsql_database_url": "postgresql+psycopg2://u:pw@h/db"},
+     "driver 'psycopg2' is not async"),
+]
+
+
+def _start_worker(conf: dict) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ITEST_CONF": json.dumps(conf)}
+    command = [sys.executable, "-m", "celery", "-A", "tests.integration.app", "worker",
+               "-P", "asyncsql", "-c", "2", "-Q", "itest-never-used"]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_every_setting_given_a_wrong_value_fails_the_worker_at_start_up_naming_it():
+    assert set(WRONG) == set(EXPECTED), "every asyncsql_* setting has a wrong value here"
+    cases = [({key: value}, f"Setting {key} has value {value!r}; expected {EXPECTED[key]}")
+             for key, value in WRONG.items()] + OTHER_MISTAKES
+    started = [(conf, message, _start_worker(conf)) for conf, message in cases]  # at once
+    for conf, message, proc in started:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0, f"a worker with {conf} started"
+        assert message in out, f"{conf}: no {message!r} in:\n{out[-3000:]}"
+        assert "Traceback" not in out, f"{conf}: a clear message, not a traceback:\n{out}"
+        assert "pw@" not in out
+
+
+def test_a_worker_warns_at_start_up_when_its_budget_exceeds_max_connections(worker_factory):
+    conf = {"asyncsql_engine_options": {"pool_size": 1000}}
+    with worker_factory(concurrency=2, conf=conf) as worker:
+        worker.wait_for_log("asyncsql pool at start-up: Database 'default': the worker may open "
+                            "2000 connections, above the server's max_connections")
+        assert worker.send(tasks.async_add, 1, 2).get(timeout=30) == 3
