@@ -44,3 +44,17 @@ def test_orm_example_updates_commits_and_retries_after_rollback(tmp_path):
     assert "{'user': 'user-1', 'status': 'active', 'logins': 1, 'attempts': 2}" in out
     assert pg_scalar("SELECT sum(logins) FROM orm_profiles") == 3
     assert pg_scalar("SELECT count(*) FROM orm_users WHERE status = 'active'") == 3
+
+
+def test_testing_example_runs_with_the_pytest_plugin(tmp_path):
+    pg_scalar("DROP TABLE IF EXISTS testing_notes")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "examples/testing"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env={
+            **os.environ, "TESTING_VAR": str(tmp_path),
+            "TESTING_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+            "TESTING_BROKER": "redis://127.0.0.1:6379/7",
+            "TESTING_BACKEND": "redis://127.0.0.1:6379/7"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
+    assert pg_scalar("SELECT count(*) FROM testing_notes WHERE text LIKE 'worker-%%'") == 3
