@@ -24,6 +24,7 @@ app.conf.update(
                               "data_folder_out": str(VAR / "broker"),
                               "control_folder": str(VAR / "control")},
     result_backend=os.environ.get("TESTING_BACKEND", f"file://{VAR / 'results'}"),
+    task_default_queue=os.environ.get("TESTING_QUEUE", "testing-example"),  # the worker's too
     asyncsql_database_url=os.environ.get("TESTING_DATABASE_URL",
                                          f"sqlite+aiosqlite:///{VAR / 'testing.db'}"),
 )
