@@ -1,7 +1,8 @@
 """session() and engine() outside a worker child: one engine set per loop, disposed on it."""
 
 import asyncio
-import logging
+import subprocess
+import sys
 
 import pytest
 from celery import Celery
@@ -77,21 +78,22 @@ def test_engines_left_open_are_disposed_with_a_warning_when_their_loop_ends(boun
     assert "open_databases(app)" in caplog.text
 
 
-def test_an_undisposed_engine_is_reported_at_exit(bound, caplog):
-    loop = asyncio.new_event_loop()
-    try:
-        built = loop.run_until_complete(_registered_after_use())
-        with pytest.warns(ResourceWarning, match="before the interpreter exited"):
-            standalone._report_undisposed_at_exit()
-        assert caplog.records[-1].levelno == logging.WARNING
-    finally:
-        loop.run_until_complete(standalone._dispose(standalone._opened[id(built)]))
-        loop.close()
-
-
-async def _registered_after_use():
+def test_an_engine_still_open_at_interpreter_exit_is_reported(tmp_path):
+    script = f"""
+import asyncio
+from celery import Celery
+from celery_asyncpool import bind, engine
+bind(Celery("script")).conf.asyncsql_database_url = "sqlite+aiosqlite:///{tmp_path}/exit.db"
+loop = asyncio.new_event_loop()
+async def use():
     engine()
-    return registered()
+loop.run_until_complete(use())
+loop.close()  # without shutdown_asyncgens(): nothing disposed the engine
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "were not disposed before the interpreter exited" in done.stderr
 
 
 def test_without_an_app_the_error_says_what_to_do(monkeypatch):
