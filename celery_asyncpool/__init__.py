@@ -14,6 +14,8 @@ from .hooks import on_child_start as on_child_start
 from .hooks import on_child_stop as on_child_stop
 from .pool import TaskPool as TaskPool
 from .registration import register as _register
+from .standalone import bind as bind
+from .standalone import open_databases as open_databases
 from .task import AsyncTask as AsyncTask
 
 __all__ = (
@@ -23,9 +25,11 @@ __all__ = (
     "ConfigurationError",
     "NoRuntimeError",
     "TaskPool",
+    "bind",
     "engine",
     "on_child_start",
     "on_child_stop",
+    "open_databases",
     "session",
 )
 

@@ -1,8 +1,11 @@
 """Engines and session factories, one set per event loop, built where they run.
 
 An ``AsyncEngine``'s pool hands out connections bound to the loop that opened
-them, so each asyncsql loop (a worker child's, or the eager-mode helper's)
-builds its own engines from the settings and disposes them on that loop.
+them, so each loop builds its own engines from the settings and disposes them
+on that loop: a worker child's and the eager-mode helper's loops through their
+``Runtime``; any other loop (a web app's, a script's, a test's) through
+``standalone``. They are kept by (process, loop), so an engine is never handed
+to a loop, or a forked process, other than the one it was built in.
 
 SQLAlchemy is imported inside functions: the ``celery`` command imports this
 package for every invocation (its ``celery.commands`` entry point).
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_by_loop: dict[asyncio.AbstractEventLoop, Databases] = {}
+_by_loop: dict[tuple[int, asyncio.AbstractEventLoop], Databases] = {}
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class Databases:
         from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
         self.loop = asyncio.get_running_loop()
+        self.key = (os.getpid(), self.loop)
         self.engines: dict[str, AsyncEngine] = {}
         self.sessionmakers: dict[str, async_sessionmaker[AsyncSession]] = {}
         self.settings = settings
@@ -126,11 +131,17 @@ class Databases:
             self.engines[database.name] = built
             session_options = {"expire_on_commit": False, **database.session_options}
             self.sessionmakers[database.name] = async_sessionmaker(built, **session_options)
-        _by_loop[self.loop] = self
+        _by_loop[self.key] = self
+
+    @property
+    def open(self) -> bool:
+        """Whether these are still the loop's databases (``aclose`` not yet called)."""
+        return _by_loop.get(self.key) is self
 
     async def aclose(self) -> None:
         """Dispose every engine, closing its pooled connections, on this loop."""
-        _by_loop.pop(self.loop, None)
+        if _by_loop.get(self.key) is self:
+            del _by_loop[self.key]
         for name, built in self.engines.items():
             try:
                 await built.dispose()
@@ -149,23 +160,23 @@ class Databases:
         return self.sessionmakers[name]
 
 
+def registered() -> Databases | None:
+    """The running loop's databases in this process, if it has any yet."""
+    return _by_loop.get((os.getpid(), asyncio.get_running_loop()))
+
+
 def _current(caller: str) -> Databases:
     try:
-        loop = asyncio.get_running_loop()
+        databases = registered()
     except RuntimeError:
         raise NoRuntimeError(
-            f"{caller} needs a running event loop: call it inside an async task "
-            "(or another coroutine) run by a -P asyncsql worker, or by eager mode "
-            "with base=AsyncTask."
+            f"{caller} needs a running event loop: call it inside a coroutine (an async "
+            "task, a FastAPI handler, a script's asyncio.run(main()))."
         ) from None
-    databases = _by_loop.get(loop)
     if databases is None:
-        raise NoRuntimeError(
-            f"{caller} was called on an event loop that has no asyncsql databases: "
-            "it works inside async tasks run by a -P asyncsql worker child, or by "
-            "task.apply() / eager mode with base=AsyncTask. Elsewhere, build an "
-            "engine with sqlalchemy.ext.asyncio.create_async_engine."
-        )
+        from .standalone import build_for_this_loop
+
+        databases = build_for_this_loop(caller)
     return databases
 
 
@@ -174,9 +185,12 @@ def session(name: str = DEFAULT_DATABASE) -> AsyncSession:
 
     Use it as ``async with session() as s:``. Sessions default to
     ``expire_on_commit=False``, so attributes stay readable after commit.
+    Outside a worker child the loop's engines are built on first use from the
+    bound app's settings (``celery_asyncpool.bind``); see ``open_databases``.
 
     Raises:
-        NoRuntimeError: outside an asyncsql loop (see the message for where it works).
+        NoRuntimeError: without a running loop, or outside a worker with no app to
+            take the settings from (see the message for what to do).
         ConfigurationError: when no database ``name`` is configured.
     """
     return _current("session()").sessionmaker(name)()
@@ -185,8 +199,10 @@ def session(name: str = DEFAULT_DATABASE) -> AsyncSession:
 def engine(name: str = DEFAULT_DATABASE) -> AsyncEngine:
     """This loop's ``AsyncEngine`` for database ``name``.
 
+    Use it on the loop that asked for it: each loop has its own engines.
+
     Raises:
-        NoRuntimeError: outside an asyncsql loop (see the message for where it works).
+        NoRuntimeError: as for ``session()``.
         ConfigurationError: when no database ``name`` is configured.
     """
     return _current("engine()").engine(name)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import uuid
 
 from .conftest import ROOT, pg_scalar
 
@@ -44,3 +45,32 @@ def test_orm_example_updates_commits_and_retries_after_rollback(tmp_path):
     assert "{'user': 'user-1', 'status': 'active', 'logins': 1, 'attempts': 2}" in out
     assert pg_scalar("SELECT sum(logins) FROM orm_profiles") == 3
     assert pg_scalar("SELECT count(*) FROM orm_users WHERE status = 'active'") == 3
+
+
+def run_example_tests(folder, prefix, tmp_path, redis_db):
+    """``pytest examples/<folder>`` in a subprocess, on PostgreSQL and Redis."""
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", f"examples/{folder}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180, env={
+            **os.environ, f"{prefix}_VAR": str(tmp_path),
+            f"{prefix}_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+            f"{prefix}_BROKER": f"redis://127.0.0.1:6379/{redis_db}",
+            f"{prefix}_BACKEND": f"redis://127.0.0.1:6379/{redis_db}",
+            f"{prefix}_QUEUE": f"{folder}-{uuid.uuid4().hex[:8]}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_testing_example_runs_with_the_pytest_plugin(tmp_path):
+    pg_scalar("DROP TABLE IF EXISTS testing_notes")
+    assert "2 passed" in run_example_tests("testing", "TESTING", tmp_path, 7)
+    assert pg_scalar("SELECT count(*) FROM testing_notes WHERE text LIKE 'worker-%%'") == 3
+
+
+def test_fastapi_example_shares_session_with_the_tasks(tmp_path):
+    pg_scalar("DROP TABLE IF EXISTS fastapi_documents")
+    assert "2 passed" in run_example_tests("fastapi", "FASTAPI", tmp_path, 8)
+    assert pg_scalar("SELECT sum(words) FROM fastapi_documents WHERE status = 'counted'") == 6
+    server_log = (tmp_path / "uvicorn.log").read_text()
+    assert "Application shutdown complete" in server_log
+    assert "not disposed" not in server_log, "the lifespan disposes the server's engines"

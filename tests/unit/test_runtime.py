@@ -13,7 +13,7 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import text
 
-from celery_asyncpool import BridgeError, NoRuntimeError, engine, session
+from celery_asyncpool import BridgeError, engine, session
 from celery_asyncpool.child import Runtime
 from celery_asyncpool.config import Settings
 from celery_asyncpool.context import install
@@ -67,16 +67,6 @@ def test_session_and_engine_work_on_the_runtime_loop(runtime):
         return value, engine().pool.size()
 
     assert runtime.run(query()) == (42, 1)
-
-
-def test_session_outside_a_runtime_says_where_it_works():
-    async def outside():
-        return session()
-
-    with pytest.raises(NoRuntimeError, match="-P asyncsql worker child"):
-        asyncio.run(outside())
-    with pytest.raises(NoRuntimeError, match="needs a running event loop"):
-        session()
 
 
 def test_exceptions_cross_the_bridge_unchanged(runtime):
