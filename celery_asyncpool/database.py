@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import leftovers
 from .config import DEFAULT_DATABASE, DatabaseSettings, Settings
 from .errors import ConfigurationError, NoRuntimeError
 
@@ -173,13 +174,17 @@ def session(name: str = DEFAULT_DATABASE) -> AsyncSession:
     """A new ``AsyncSession`` on this loop's engine for database ``name``.
 
     Use it as ``async with session() as s:``. Sessions default to
-    ``expire_on_commit=False``, so attributes stay readable after commit.
+    ``expire_on_commit=False``, so attributes stay readable after commit. One
+    that a worker's task body leaves in a transaction is rolled back and
+    closed when the body returns, with a warning (``leftovers``).
 
     Raises:
         NoRuntimeError: outside an asyncsql loop (see the message for where it works).
         ConfigurationError: when no database ``name`` is configured.
     """
-    return _current("session()").sessionmaker(name)()
+    opened = _current("session()").sessionmaker(name)()
+    leftovers.track_session(opened)
+    return opened
 
 
 def engine(name: str = DEFAULT_DATABASE) -> AsyncEngine:
