@@ -145,8 +145,9 @@ def test_a_task_that_blocks_its_loop_after_a_cancel_gets_its_child_killed(worker
     with slot_worker(worker_factory, slots=2, processes=1,
                      conf={"asyncsql_cancel_grace_s": 1}) as worker:
         [child] = worker.wait_for_children(1)
-        target = worker.send(ts.blocks, 60, time_limit=1)
         sibling = worker.send(ts.span, 30)
+        eventually(lambda: _inspect_active(worker) == 1, 10, "the sibling running")
+        target = worker.send(ts.blocks, 60, time_limit=1)
         with pytest.raises(TimeLimitExceeded):
             target.get(timeout=20)
         with pytest.raises(WorkerLostError):
