@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import leftovers
 from .config import DEFAULT_DATABASE, DatabaseSettings, Settings
 from .errors import ConfigurationError, NoRuntimeError
 
@@ -187,13 +188,17 @@ def session(name: str = DEFAULT_DATABASE) -> AsyncSession:
     ``expire_on_commit=False``, so attributes stay readable after commit.
     Outside a worker child the loop's engines are built on first use from the
     bound app's settings (``celery_asyncpool.bind``); see ``open_databases``.
+    One that a worker's task body leaves in a transaction is rolled back and
+    closed when the body returns, with a warning (``leftovers``).
 
     Raises:
         NoRuntimeError: without a running loop, or outside a worker with no app to
             take the settings from (see the message for what to do).
         ConfigurationError: when no database ``name`` is configured.
     """
-    return _current("session()").sessionmaker(name)()
+    opened = _current("session()").sessionmaker(name)()
+    leftovers.track_session(opened)
+    return opened
 
 
 def engine(name: str = DEFAULT_DATABASE) -> AsyncEngine:

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Callable, Coroutine
+import functools
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from greenlet import getcurrent, greenlet  # type: ignore[import-untyped]
 
+from . import leftovers
 from .child import SOFT_LIMIT_MESSAGE
 from .context import caller_context
 from .errors import TaskCancelledError
-from .protocol import HARD, REVOKE, SHUTDOWN, SOFT
+from .protocol import HARD, REVOKE, SHUTDOWN, SOFT, task_label
 
 T = TypeVar("T")
 
@@ -45,11 +47,17 @@ class Tracer(greenlet):  # type: ignore[misc]
     this greenlet, and ``await_body`` hands that identity to the body's Task.
     """
 
-    def __init__(self, run: Callable[[], Any]) -> None:
+    def __init__(self, run: functools.partial[Any]) -> None:
         super().__init__(run, getcurrent())
+        self.call = run  # greenlet forgets ``run`` once started
         self.gr_context = contextvars.copy_context()
         self.body: asyncio.Task[Any] | None = None
         self.cancel_reason: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``name[id]`` of the job's task."""
+        return task_label(self.call.args)
 
     def cancel(self, reason: str) -> None:
         """Cancel the body's Task now, or as soon as it starts; ``reason`` is a CANCEL reason."""
@@ -63,15 +71,18 @@ def in_tracer() -> bool:
     return isinstance(getcurrent(), Tracer)
 
 
-async def drive(tracer: Tracer) -> Any:
+async def drive(tracer: Tracer, grace_s: float) -> Any:
     """Run ``tracer`` to its end and return what it returns.
 
     Each coroutine it hands over in ``await_body`` runs as a Task of its own;
-    its result or exception, as the tracer must see it, is switched back in.
+    its result or exception, as the tracer must see it, is switched back in
+    once what the body left behind is cleaned up (``leftovers.clean_up``,
+    which gives pending Tasks ``grace_s`` to unwind).
     """
     request = tracer.switch()
     while not tracer.dead:
         coro, context = request
+        left = leftovers.watch(context)
         body = tracer.body = asyncio.get_running_loop().create_task(coro, context=context)
         if tracer.cancel_reason is not None:
             body.cancel(CANCEL_MESSAGES[tracer.cancel_reason])
@@ -81,6 +92,9 @@ async def drive(tracer: Tracer) -> Any:
         except BaseException as exc:
             error = exc
         tracer.body = None
+        if left.tasks or left.sessions:
+            await leftovers.clean_up(left, tracer.label, grace_s,
+                                     cancel_tasks=tracer.cancel_reason is None)
         error = _as_seen_by_tracer(tracer.cancel_reason, error)
         if error is None:
             request = tracer.switch(value)

@@ -36,14 +36,15 @@ from billiard.exceptions import WorkerLostError
 from billiard.pool import MaybeEncodingError
 from celery.concurrency import prefork
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.serialization import UnpickleableExceptionWrapper
 
-from . import greenlets, protocol
+from . import greenlets, leftovers, protocol
 from .child import Runtime
 from .config import Settings
 from .database import Sizing, dispose_inherited_engines, forget_inherited_loops
 from .errors import ChildStartError
 from .protocol import ACK, BYE, CANCEL, CANCEL_REASONS, DRAINING, JOB, READY, SOFT, STATS, \
-    STOP, UP
+    STATS_INTERVAL_S, STOP, UP, task_label
 from .task import install_bridges
 from .watchdog import Watchdog
 
@@ -54,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0  # the parent replaces a failed child at once: no hot restart loop
 START_FAILED_EXITCODE = 3
-STATS_INTERVAL_S = 1.0
 
 # What Celery's tracer returns: (0, repr of the result, runtime) or (1, einfo, runtime).
 Outcome = Any
@@ -86,6 +86,7 @@ def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: i
         runtime.stop(run_hooks=False)
         time.sleep(RESTART_DELAY_S)
         raise SystemExit(START_FAILED_EXITCODE) from None
+    leftovers.install_task_factory(runtime.loop)  # on top of one a start hook set
     reports = ReportPipe(report_fd)
     reports.send((UP, os.getpid()))
     server = JobServer(runtime, async_tasks, slots, job_fd, reports,
@@ -200,7 +201,7 @@ class JobServer:
         """
         for job in list(self._jobs.values()):  # list(): one step, safe from another thread
             if running is not None and running in (job.runner, getattr(job.tracer, "body", None)):
-                return f"task {_task_label(job.call.args)} (job {job.id})"
+                return f"task {task_label(job.call.args)} (job {job.id})"
         return f"no task of this child ({running!r})"
 
     # --- messages from the parent ---------------------------------------------------------
@@ -245,16 +246,36 @@ class JobServer:
             logger.debug("Ignored CANCEL (%s) of job %s: it is not running here.", reason, job_id)
         elif job.tracer is not None:
             job.tracer.cancel(reason)
+            if reason != SOFT:  # a soft limit the body may handle, and go on
+                self._loop.call_later(self._runtime.settings.cancel_grace_s,
+                                      self._warn_if_swallowed, job, reason)
         elif not (reason == SOFT and self._sync.interrupt(job_id)):
             logger.debug("Sync job %s cannot be cancelled (%s) while it runs or waits here; "
                          "the parent kills this child if it must.", job_id, reason)
+
+    def _warn_if_swallowed(self, job: _Job, reason: str) -> None:
+        """Name a body still running ``asyncsql_cancel_grace_s`` after it was cancelled.
+
+        This runs on the loop, so the loop runs: the body caught the
+        ``CancelledError`` and went on. The parent kills this child once its
+        other jobs are done.
+        """
+        body = None if job.tracer is None else job.tracer.body
+        if self._jobs.get(job.id) is job and body is not None and not body.done():
+            logger.error(
+                "Task %s still runs %ss after it was cancelled (%s): its coroutine swallowed "
+                "asyncio.CancelledError. Re-raise it (catch Exception, not BaseException, and "
+                "re-raise CancelledError after any clean-up). This child takes no new jobs "
+                "and is replaced once its other jobs are done.",
+                task_label(job.call.args), self._runtime.settings.cancel_grace_s,
+                greenlets.CANCEL_MESSAGES[reason])
 
     # --- running a job --------------------------------------------------------------------
 
     async def _run(self, job: _Job) -> None:
         try:
             if job.tracer is not None:
-                outcome = await greenlets.drive(job.tracer)
+                outcome = await greenlets.drive(job.tracer, self._runtime.settings.cancel_grace_s)
             else:
                 outcome = await self._sync.run(job.id, job.call, self._ack_from_thread)
         except BaseException as exc:  # past Celery's tracer, which reports the task's own errors
@@ -262,6 +283,8 @@ class JobServer:
             outcome = _failure(exc)
             if not isinstance(exc, Exception):
                 self._drain(f"a job raised {exc!r}")
+        if outcome[0]:
+            _hint_unpicklable(job, outcome[1])
         self._finish(job, outcome)
 
     def _ack(self, job_id: int, started: float) -> None:
@@ -386,11 +409,15 @@ def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> None
         ctypes.c_ulong(thread_id), None if exc_type is None else ctypes.py_object(exc_type))
 
 
-def _task_label(args: tuple[Any, ...]) -> str:
-    """``name[id]`` from the tracer's arguments (name, id, request, body, ...)."""
-    name = args[0] if args else "?"
-    task_id = args[1] if len(args) > 1 else "?"
-    return f"{name}[{task_id}]"
+def _hint_unpicklable(job: _Job, einfo: Any) -> None:
+    """Say what to fix when Celery's tracer stored a task's exception in its pickleable wrapper."""
+    wrapper = getattr(einfo, "exception", None)
+    if isinstance(wrapper, UnpickleableExceptionWrapper):
+        logger.warning(
+            "Task %s raised %s.%s, an exception that cannot be pickled: it is stored as "
+            "UnpickleableExceptionWrapper (%s), as on prefork. Make it picklable: pass every "
+            "argument of its __init__ on to super().__init__(), or give it a __reduce__.",
+            task_label(job.call.args), wrapper.exc_module, wrapper.exc_cls_name, wrapper.text)
 
 
 def _failure(exc: BaseException) -> tuple[int, ExceptionInfo, float]:

@@ -23,7 +23,9 @@ Child to parent:
   shutdown stores nothing in the child; the parent settles it.
 - ``(DRAINING, reason)``: send no more jobs (``max_tasks_per_child``,
   ``max_memory_per_child``); the child exits once its jobs are done.
-- ``(STATS, snapshot)``: in-flight count and engine pool use, now and then.
+- ``(STATS, snapshot)``: in-flight count and engine pool use, every
+  ``STATS_INTERVAL_S`` from the child's loop: the parent also reads it as a
+  sign that the loop runs.
 - ``(BYE,)``: the child has disposed its engines and is exiting.
 """
 
@@ -45,6 +47,8 @@ DRAINING = "draining"
 STATS = "stats"
 BYE = "bye"
 
+STATS_INTERVAL_S = 1.0
+
 SOFT = "soft"
 HARD = "hard"
 REVOKE = "revoke"
@@ -54,6 +58,13 @@ CANCEL_REASONS = (SOFT, HARD, REVOKE, SHUTDOWN)
 _HEADER = struct.Struct("!I")
 _PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # Linux
+
+
+def task_label(args: tuple[Any, ...]) -> str:
+    """``name[id]`` of the task a JOB runs, from its ``args`` (name, id, request, body, ...)."""
+    name = args[0] if args else "?"
+    task_id = args[1] if len(args) > 1 else "?"
+    return f"{name}[{task_id}]"
 
 
 def encode(message: tuple[Any, ...]) -> bytes:

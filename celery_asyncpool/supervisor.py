@@ -26,9 +26,12 @@ from billiard.exceptions import Terminated, WorkerLostError
 
 from . import protocol
 from .protocol import ACK, BYE, CANCEL, DRAINING, HARD, JOB, READY, REVOKE, SHUTDOWN, SOFT, \
-    STATS, STOP, UP
+    STATS, STATS_INTERVAL_S, STOP, UP, task_label
 
 logger = logging.getLogger(__name__)
+
+# A child whose loop has not reported for this long is taken as blocked.
+LOOP_SILENT_S = 3 * STATS_INTERVAL_S
 
 Callback = Callable[..., Any]
 
@@ -52,6 +55,7 @@ class Job:
         self.soft_timeout: float | None = options.get("soft_timeout")
         self.timeout: float | None = options.get("timeout")
         self.correlation_id = options.get("correlation_id")
+        self.task = tuple(args[:2])  # (name, id), to name the task in the log
         self.child: ChildProcess | None = None
         self.accepted = False
         self.settled = False
@@ -120,6 +124,7 @@ class ChildProcess:
         self.outbox = bytearray()
         self.up = False
         self.draining = False
+        self.stuck = False  # runs a cancelled job that will not end: killed once it runs no other
         self.gone = False
         self.stats: dict[str, Any] = {}
         self.stats_at: float | None = None
@@ -204,10 +209,10 @@ class Supervisor:
         del self.children[child.pid]
         for fd in (child.job_fd, child.report_fd):
             os.close(fd)
-        clean = exitcode == 0 and not child.jobs
-        if not clean:
+        started = sum(1 for job in child.jobs.values() if job.accepted)
+        if exitcode != 0 or started:
             logger.error("asyncsql child %s exited with %s while running %d job(s)",
-                         child.pid, _exit_reason(exitcode), len(child.jobs))
+                         child.pid, _exit_reason(exitcode), started)
         for job in child.jobs.values():
             if self.cold:
                 job.settle(notify=False)
@@ -293,6 +298,8 @@ class Supervisor:
         # A no-op for a job settled here (hard limit, revoke). In a cold shutdown
         # the message stays unacknowledged, so the broker redelivers an acks_late task.
         job.settle(outcome, notify=not self.cold)
+        if child.stuck:
+            self._kill_if_only_stuck(child)
         self.dispatch()
 
     def release_slot(self) -> None:
@@ -341,20 +348,52 @@ class Supervisor:
             self._cancel_or_kill(job, REVOKE)
 
     def _cancel_or_kill(self, job: Job, reason: str) -> None:
-        """Cancel the job's coroutine; kill its child if it is not done within the grace."""
+        """Cancel the job's coroutine; if it is not done within the grace, see to its child."""
         child = job.child
         assert child is not None
         self._cancel(job, reason)
-        self.driver.call_later(self.cancel_grace_s, self._kill_if_still_running, child, job.id,
-                               reason)
+        self.driver.call_later(self.cancel_grace_s, self._check_cancelled, child, job,
+                               reason, time.monotonic())
 
-    def _kill_if_still_running(self, child: ChildProcess, job_id: int, reason: str) -> None:
-        if child.gone or job_id not in child.jobs:
+    def _check_cancelled(self, child: ChildProcess, job: Job, reason: str,
+                         cancelled_at: float) -> None:
+        """Deal with a job that still runs ``cancel_grace_s`` after it was cancelled.
+
+        If the child's loop has been silent for ``LOOP_SILENT_S``, the job blocks
+        it: the child is killed now. If the loop ran since the cancel, the job
+        ignores it (a coroutine that swallows ``CancelledError``, a sync task):
+        the child takes no new jobs and is killed once its other jobs are done,
+        so they finish. Otherwise look again later.
+        """
+        if child.gone or child.jobs.get(job.id) is not job:
             return
-        logger.error("asyncsql child %s still runs job %s %ss after it was cancelled (%s): "
-                     "the task ignores cancellation or blocks its loop; killing the child",
-                     child.pid, job_id, self.cancel_grace_s, reason)
+        label = task_label(job.task)
+        silent_s = time.monotonic() - max(child.stats_at or 0.0, cancelled_at)
+        if silent_s > LOOP_SILENT_S:
+            logger.error("asyncsql child %s still runs task %s %.1fs after it was cancelled "
+                         "(%s), and its event loop has not run for %.1fs: the task blocks the "
+                         "loop (await instead of blocking); killing the child.",
+                         child.pid, label, time.monotonic() - cancelled_at, reason, silent_s)
+            _kill(child.pid)
+            return
+        if not child.stuck and (child.stats_at or 0.0) > cancelled_at:
+            child.stuck = child.draining = True
+            logger.error("asyncsql child %s still runs task %s %ss after it was cancelled (%s) "
+                         "though its loop runs: the task ignores cancellation. The child takes "
+                         "no new jobs and is replaced once its %d other job(s) are done.",
+                         child.pid, label, self.cancel_grace_s, reason,
+                         sum(not other.settled for other in child.jobs.values()))
+            if self._kill_if_only_stuck(child):
+                return
+        self.driver.call_later(STATS_INTERVAL_S, self._check_cancelled, child, job, reason,
+                               cancelled_at)
+
+    def _kill_if_only_stuck(self, child: ChildProcess) -> bool:
+        """Kill a stuck child once every job left in it was settled here; whether it was."""
+        if any(not job.settled for job in child.jobs.values()):
+            return False
         _kill(child.pid)
+        return True
 
     def watch(self) -> None:
         """Register every child's report pipe, sentinel and pending writes with the driver.

@@ -38,3 +38,10 @@ async def stubborn(seconds):
         except asyncio.CancelledError:
             continue
     return os.getpid()
+
+
+@app.task
+async def blocks(seconds):
+    """Block the loop for ``seconds``: no cancellation can reach it."""
+    time.sleep(seconds)
+    return os.getpid()

@@ -124,20 +124,37 @@ def _inspect_active(worker) -> int:
     return len(active.get(worker.hostname, []))
 
 
-def test_a_task_that_ignores_cancellation_gets_its_child_replaced(worker_factory):
+def test_a_task_that_ignores_cancellation_gets_its_child_replaced_after_its_siblings(
+        worker_factory):
     with slot_worker(worker_factory, slots=2, processes=1,
                      conf={"asyncsql_cancel_grace_s": 1}) as worker:
         [child] = worker.wait_for_children(1)
         target = worker.send(ts.stubborn, 30, time_limit=1)
+        sibling = worker.send(ts.span, 4)  # outlasts the limit and the grace
+        with pytest.raises(TimeLimitExceeded):
+            target.get(timeout=20)
+        worker.wait_for_log("the task ignores cancellation")
+        late = worker.send(ts.span, 0)  # waits: the stuck child takes no new job
+        assert sibling.get(timeout=20)["child"] == child
+        assert late.get(timeout=20)["child"] != child
+        [replacement] = worker.wait_for_children(1)
+        assert replacement != child
+
+
+def test_a_task_that_blocks_its_loop_after_a_cancel_gets_its_child_killed(worker_factory):
+    with slot_worker(worker_factory, slots=2, processes=1,
+                     conf={"asyncsql_cancel_grace_s": 1}) as worker:
+        [child] = worker.wait_for_children(1)
         sibling = worker.send(ts.span, 30)
+        eventually(lambda: _inspect_active(worker) == 1, 10, "the sibling running")
+        target = worker.send(ts.blocks, 60, time_limit=1)
         with pytest.raises(TimeLimitExceeded):
             target.get(timeout=20)
         with pytest.raises(WorkerLostError):
             sibling.get(timeout=20)
         [replacement] = worker.wait_for_children(1)
         assert replacement != child
-        assert worker.send(ts.span, 0).get(timeout=20)["child"] == replacement
-        assert "ignores cancellation or blocks its loop" in worker.logs()
+        assert "the task blocks the loop" in worker.logs()
 
 
 # --- row 9: a child killed with several jobs in flight -----------------------------------------

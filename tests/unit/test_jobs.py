@@ -414,8 +414,8 @@ def test_eof_on_the_job_pipe_stops_the_child_like_stop(start):
 
 def test_max_tasks_drains_runs_late_jobs_then_says_bye(start):
     child = start(max_tasks=1)
-    quick, _ = child.job("t.nap", (0, "quick"))
     slow, _ = child.job("t.nap", (2, "slow"))  # still running when "late" arrives, even when loaded
+    quick, _ = child.job("t.nap", (0, "quick"))  # sent second: "slow" is in flight when it ends
     assert _value(child.ready(quick)) == "quick"
     assert child.until(DRAINING)[-1] == (DRAINING, "max_tasks_per_child reached (1 tasks)")
     late, _ = child.job("t.nap", (0, "late"))  # sent before the parent read DRAINING
