@@ -35,6 +35,13 @@ def _through(proxy: TcpProxy, worker_factory, **kwargs):
                           env={"ITEST_DATABASE_URL": kwargs.pop("url", proxy.url)}, **kwargs)
 
 
+def _cut_off(proxy: TcpProxy, app_name: str) -> None:
+    """Take the database away: end the worker's backends, then refuse and cut connections."""
+    pg_scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+              "WHERE application_name = %s", app_name)
+    proxy.down()
+
+
 def _retries(ids: list[str]) -> list[int]:
     return [meta["retries"] for meta in stored(ids).values()]
 
@@ -64,10 +71,11 @@ def test_tasks_cut_off_from_their_database_retry_and_succeed_once_it_is_back(wor
             ids = publish(worker, db_effect, 40, run, 1.0)
             cut = eventually(lambda: _holding_a_connection(worker.app_name, 4),
                              what="tasks holding a connection")
-            pg_scalar("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                      "WHERE application_name = %s", worker.app_name)
-            proxy.down()
+            _cut_off(proxy, worker.app_name)
             time.sleep(OUTAGE_S)
+            proxy.up()
+            wait_settled(ids, SETTLE_S)
+            _cut_off(proxy, worker.app_name)  # again, now that the pools hold idle connections
             proxy.up()
             later = publish(worker, db_effect, 20, run)
             account = settle("database cut mid-run (proxy down 3 s + pg_terminate_backend)",
@@ -79,7 +87,7 @@ def test_tasks_cut_off_from_their_database_retry_and_succeed_once_it_is_back(wor
     assert account.once + account.again == 60
     retried = sum(1 for n in _retries(ids) if n > 0)
     assert retried >= cut, f"{retried} tasks retried, {cut} were in flight at the cut"
-    assert _retries(later) == [0] * 20, "with pre-ping, no task fails on a stale connection"
+    assert _retries(later) == [0] * 20, "pre-ping: none fails on a stale pooled connection"
     assert 0 < back <= budget and peak.peaks[worker.app_name] <= budget, (back, peak.peaks)
     assert {"DBAPIError", "ConnectionRefusedError"} <= retried_on, "lost mid-statement; refused"
     figure("database cut: tasks retried / in flight at the cut", f"{retried} / {cut}")
