@@ -1,8 +1,8 @@
 """The database goes away, mid-run or before the worker starts: tasks retry, nothing hangs.
 
 The worker reaches PostgreSQL through a TCP proxy the test owns (``proxy.py``);
-``down()`` refuses new connections and cuts the open ones. Tasks retry on the
-errors ``tasks_db.py`` lists; the engine has ``pool_pre_ping`` on, as the README
+``down()`` refuses new connections and cuts the open ones. Tasks retry on
+``celery_asyncpool.retry.DATABASE_ERRORS``; the engine has ``pool_pre_ping`` on, as the README
 recommends, so once the server is back no task fails on a stale connection.
 """
 
@@ -24,7 +24,7 @@ OUTAGE_S = 3.0
 SETTLE_S = 60.0  # every task has a stored outcome by then: none waits on the lost database
 
 
-def _through(proxy: TcpProxy, worker_factory, **kwargs):
+def _through(proxy: TcpProxy, worker_factory, *, url: str | None = None, **kwargs):
     """A worker whose database is ``proxy``, with pre-ping on and its own application_name."""
     queue = f"itest-{uuid.uuid4().hex[:10]}"
     options = {"pool_pre_ping": True,
@@ -32,7 +32,7 @@ def _through(proxy: TcpProxy, worker_factory, **kwargs):
     return worker_factory(queue=queue, include=f"{INCLUDE},tests.faults.tasks_db,"
                           "tests.integration.tasks",
                           conf={"asyncsql_engine_options": options},
-                          env={"ITEST_DATABASE_URL": kwargs.pop("url", proxy.url)}, **kwargs)
+                          env={"ITEST_DATABASE_URL": url or proxy.url}, **kwargs)
 
 
 def _cut_off(proxy: TcpProxy, app_name: str) -> None:
@@ -78,7 +78,8 @@ def test_tasks_cut_off_from_their_database_retry_and_succeed_once_it_is_back(wor
             _cut_off(proxy, worker.app_name)  # again, now that the pools hold idle connections
             proxy.up()
             later = publish(worker, db_effect, 20, run)
-            account = settle("database cut mid-run (proxy down 3 s + pg_terminate_backend)",
+            account = settle("database cut mid-run (pg_terminate_backend + proxy down 3 s), "
+                             "then its idle connections",
                              ids + later, run=run, timeout_s=SETTLE_S)
         back = pg_connections(worker.app_name)
         retried_on = _retried_on(worker.logs())
