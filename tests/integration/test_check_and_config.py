@@ -1,12 +1,14 @@
-"""`celery asyncsql check`, and bad settings failing a worker at start-up with a clear message."""
+"""`celery asyncsql check`, and a worker's start-up warnings about its connection budget.
+
+Bad settings and an unreachable database at start-up are in the fault suite
+(tests/faults/test_configuration.py, test_database.py).
+"""
 
 import json
 import os
 import subprocess
 import sys
 
-
-from . import tasks
 from .conftest import ROOT, pg_scalar
 
 
@@ -38,16 +40,6 @@ def test_check_fails_when_the_budget_exceeds_max_connections():
                   conf={"asyncsql_engine_options": {"pool_size": 1000}})
     assert done.returncode == 1
     assert "above the server's max_connections" in done.stderr
-
-
-def test_a_worker_starts_and_says_so_when_its_database_is_unreachable(worker_factory):
-    url = "postgresql+asyncpg://postgres:hunter2@127.0.0.1:1/test"
-    with worker_factory(concurrency=2, env={"ITEST_DATABASE_URL": url}) as worker:
-        worker.wait_for_log("asyncsql pool at start-up: Database 'default' "
-                            "(postgresql+asyncpg://postgres:***@127.0.0.1:1/test) cannot be "
-                            "reached")
-        assert worker.send(tasks.async_add, 1, 2).get(timeout=30) == 3, "tasks without it run"
-        assert "hunter2" not in worker.logs()
 
 
 def _tipping_conf(with_backend: bool) -> dict:

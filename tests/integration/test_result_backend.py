@@ -8,14 +8,13 @@ children's asyncpg pools.
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 from celery.backends.database import DatabaseBackend
 
 from . import tasks, tasks_slots as ts
 from .app import app
-from .conftest import pg_connections
+from .conftest import ConnectionPeak
 from .test_slots import slot_worker
 
 BACKEND_URL = "postgresql+psycopg://postgres:hunter2@127.0.0.1:5432/test"  # trust: unused
@@ -25,31 +24,6 @@ MASKED_URL = "postgresql+psycopg://postgres:***@127.0.0.1:5432/test"
 def _backend_conf(app_name: str) -> dict:
     return {"result_backend": f"db+{BACKEND_URL}",
             "database_engine_options": {"connect_args": {"application_name": app_name}}}
-
-
-class _Peak:
-    """Samples pg_stat_activity for some application_names on a thread, keeps each peak."""
-
-    def __init__(self, *names: str) -> None:
-        self.peaks = dict.fromkeys(names, 0)
-        self.total = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _Peak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            counts = {name: pg_connections(name) for name in self.peaks}
-            self.total = max(self.total, sum(counts.values()))
-            for name, count in counts.items():
-                self.peaks[name] = max(self.peaks[name], count)
 
 
 def test_a_database_result_backend_stays_within_the_stated_budget(worker_factory):
@@ -63,7 +37,7 @@ def test_a_database_result_backend_stays_within_the_stated_budget(worker_factory
         budget = asyncsql["connection-budget"]
         assert budget == {"default": 20, "result-backend": 2 * 2 + 2}
         assert asyncsql["databases"]["result-backend"] == MASKED_URL
-        with _Peak(worker.app_name, results_name) as peak:
+        with ConnectionPeak(worker.app_name, results_name) as peak:
             sent = [worker.send(ts.db_span, 0.05) for _ in range(200)]
             sent += [worker.send(tasks.sync_add, i, 1) for i in range(40)]
             done = [app.AsyncResult(r.id, backend=backend).get(timeout=120) for r in sent]
