@@ -136,6 +136,7 @@ class PagePlayer:
 
     def run(self, argv: list[str], block: Block) -> None:
         done = subprocess.run(argv, cwd=self.folder, capture_output=True, text=True, timeout=90)
+        print(f"{self.where(block)}: {' '.join(argv[1:])}\n{done.stdout}")
         worker_log = self.worker.logs()[-3000:] if self.worker else ""
         assert done.returncode == 0, (
             f"{self.where(block)}: {' '.join(argv[1:])} failed\n{done.stdout}\n{done.stderr}\n"
