@@ -117,7 +117,7 @@ class PagePlayer:
         run_later = any(f"python {name}" in command for other in later
                         if other.language == "console" for command in commands(other))
         if not run_later:
-            self.run([sys.executable, "-c", VALIDATE, name], block)
+            self.run([sys.executable, "-c", VALIDATE, name], block, label=f"run {name}")
 
     def console(self, command: str, block: Block) -> None:
         if command.startswith(SKIPPED_COMMANDS):
@@ -134,12 +134,13 @@ class PagePlayer:
         else:
             self.run(argv, block)
 
-    def run(self, argv: list[str], block: Block) -> None:
+    def run(self, argv: list[str], block: Block, label: str = "") -> None:
+        label = label or " ".join(argv[1:])
         done = subprocess.run(argv, cwd=self.folder, capture_output=True, text=True, timeout=90)
-        print(f"{self.where(block)}: {' '.join(argv[1:])}\n{done.stdout}")
+        print(f"{self.where(block)}: {label}\n{done.stdout}")
         worker_log = self.worker.logs()[-3000:] if self.worker else ""
         assert done.returncode == 0, (
-            f"{self.where(block)}: {' '.join(argv[1:])} failed\n{done.stdout}\n{done.stderr}\n"
+            f"{self.where(block)}: {label} failed\n{done.stdout}\n{done.stderr}\n"
             f"worker log:\n{worker_log}")
 
     def start_worker(self, argv: list[str], block: Block) -> None:
