@@ -293,7 +293,7 @@ def _unknown_database_message(name: str, databases: tuple[DatabaseSettings, ...]
 
 
 def settings_reference() -> str:
-    """The settings as a Markdown table, for the README (a test keeps them equal)."""
+    """The settings as a Markdown table, for docs/settings.md (a test keeps them equal)."""
     rows = ["| setting | default | accepts | what it does |", "|---|---|---|---|"]
     rows += [f"| `{o.key}` | `{o.default!r}` | {o.expected} | {o.doc} |" for o in OPTIONS]
     return "\n".join(rows)

@@ -1,4 +1,4 @@
-"""Start a ``-P asyncsql`` worker for an example, wait until it is ready, stop it by its PID."""
+"""Start an example's ``-P asyncsql`` worker or ``celery beat``; wait until ready; stop by PID."""
 
 import signal
 import subprocess
@@ -31,9 +31,26 @@ def asyncsql_worker(folder: Path, app_module: str, var: Path,
         worker.wait(60)
 
 
-def _wait_until_ready(worker: subprocess.Popen, log_path: Path, timeout_s: float = 60) -> None:
+@contextmanager
+def celery_beat(folder: Path, app_module: str, var: Path) -> Iterator[subprocess.Popen]:
+    """``celery -A app_module beat`` run in ``folder``, its schedule and log in ``var``."""
+    log_path = var / "beat.log"
+    command = [sys.executable, "-m", "celery", "-A", app_module, "beat", "-l", "info",
+               "-s", str(var / "beat-schedule")]
+    with open(log_path, "wb") as log:
+        beat = subprocess.Popen(command, cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_ready(beat, log_path, needle="beat: Starting...")
+        yield beat
+    finally:
+        beat.send_signal(signal.SIGTERM)
+        beat.wait(60)
+
+
+def _wait_until_ready(process: subprocess.Popen, log_path: Path, needle: str = " ready.",
+                      timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
-    while " ready." not in log_path.read_text(errors="replace"):
-        if worker.poll() is not None or time.monotonic() > deadline:
-            sys.exit(f"the worker did not start; its log:\n{log_path.read_text()}")
+    while needle not in log_path.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            sys.exit(f"{log_path.stem} did not start; its log:\n{log_path.read_text()}")
         time.sleep(0.2)

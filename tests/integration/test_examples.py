@@ -74,3 +74,30 @@ def test_fastapi_example_shares_session_with_the_tasks(tmp_path):
     server_log = (tmp_path / "uvicorn.log").read_text()
     assert "Application shutdown complete" in server_log
     assert "not disposed" not in server_log, "the lifespan disposes the server's engines"
+
+
+SERVERS = {"DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:5432/test",
+           "BROKER": "redis://127.0.0.1:6379/6", "BACKEND": "redis://127.0.0.1:6379/6"}
+
+
+def on_servers(prefix, tmp_path):
+    """An example's environment for PostgreSQL and Redis, under its own prefix."""
+    return {f"{prefix}_VAR": str(tmp_path),
+            **{f"{prefix}_{name}": value for name, value in SERVERS.items()}}
+
+
+def test_mixed_example_chains_a_sync_task_into_an_async_one(tmp_path):
+    out = run_example("mixed/main.py", tmp_path, on_servers("MIXED", tmp_path), "--files", "4")
+    assert out.count("'thread': 'MainThread'") == 4, "the async tasks ran on the children's loops"
+    assert "counted by a sync task: {'rows': 4, 'thread': 'asyncsql-sync" in out
+    assert pg_scalar("SELECT count(DISTINCT sha256) FROM mixed_checksums") == 4
+
+
+def test_periodic_example_runs_an_async_task_from_celery_beat(tmp_path):
+    out = run_example("periodic/main.py", tmp_path, on_servers("PERIODIC", tmp_path),
+                      "--seconds", "5")
+    rows = pg_scalar("SELECT count(DISTINCT task_id) FROM periodic_heartbeats")
+    assert rows >= 3, out
+    assert f"{rows} heartbeats written in 5 s" in out
+    assert pg_scalar("SELECT max(ran_at) - min(ran_at) >= interval '2 seconds' "
+                     "FROM periodic_heartbeats"), "runs spread over time, one per beat tick"

@@ -106,13 +106,18 @@ def test_every_option_is_documented():
     assert all(option.doc and option.expected for option in OPTIONS)
 
 
-def test_readme_settings_reference_matches_the_definitions():
+def test_settings_page_matches_the_definitions():
     from pathlib import Path
 
     from celery_asyncpool.config import settings_reference
 
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    assert settings_reference() in readme, "regenerate the README table from settings_reference()"
+    page = (Path(__file__).parents[2] / "docs" / "settings.md").read_text()
+    found = re.search(r"<!-- settings-reference: start -->\n(.*?)\n"
+                      r"<!-- settings-reference: end -->", page, re.S)
+    assert found, "docs/settings.md lost its settings-reference markers"
+    assert found.group(1).strip() == settings_reference(), (
+        "docs/settings.md is out of date: replace the table between its markers with the output "
+        "of: python -c 'from celery_asyncpool.config import settings_reference as s; print(s())'")
 
 
 def test_masked_values_hide_every_url_password_and_leave_the_rest():
