@@ -1,6 +1,13 @@
 """What monitoring sees of an asyncsql worker: spans and log records per concurrent task."""
 
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 
 import pytest
@@ -9,11 +16,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from . import tasks_observability
+from . import tasks_observability, tasks_slots
 from .app import app
-from .conftest import run_worker
+from .conftest import ROOT, eventually, run_worker
 
 OTEL_INCLUDE = "tests.integration.tasks,tests.integration.tasks_observability"
+SLOTS_INCLUDE = "tests.integration.tasks,tests.integration.tasks_slots"
 TASKS = 16
 
 
@@ -105,3 +113,74 @@ def test_stdlib_log_records_name_their_own_task_under_concurrency(otel_worker):
         logged.setdefault(int(token), []).append((task_id, step))
     assert logged == {token: [(result.id, "before"), (result.id, "after"), (result.id, "thread")]
                       for token, result in results.items()}
+
+
+@contextmanager
+def run_flower(tmp_path):
+    """A real ``celery flower`` process for the integration app, on a free local port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log_path = tmp_path / "flower.log"
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "FLOWER_UNAUTHENTICATED_API": "1"}
+    command = [sys.executable, "-m", "celery", "-A", "tests.integration.app", "flower",
+               "--address=127.0.0.1", f"--port={port}", "--inspect_timeout=5000"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log,
+                                stderr=subprocess.STDOUT)
+    try:
+        yield f"http://127.0.0.1:{port}", proc, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def flower_worker(base_url, proc, log_path, hostname):
+    """What Flower's HTTP API reports of ``hostname`` after asking it afresh; None until it can."""
+    if proc.poll() is not None:
+        raise AssertionError(f"flower exited ({proc.returncode}):\n{log_path.read_text()}")
+    url = f"{base_url}/api/workers?refresh=1&workername={urllib.parse.quote(hostname)}"
+    try:
+        with urllib.request.urlopen(url, timeout=15) as response:
+            return json.loads(response.read())[hostname]
+    except (OSError, KeyError):  # not listening yet, or the worker not answered yet
+        return None
+
+
+def test_flower_shows_the_pool_while_tasks_run(tmp_path):
+    """Flower's /api/workers (which runs `inspect stats`) shows, while 4 tasks each hold a
+    database connection on -c 4 over 2 children: the children's pids, the slot counts, 2
+    tasks in flight in each child and 2 of its pooled connections checked out."""
+    with run_worker(tmp_path, concurrency=4, include=SLOTS_INCLUDE,
+                    conf={"asyncsql_processes": 2}) as worker, \
+            run_flower(tmp_path) as flower:
+        children = worker.wait_for_children(2)
+        running = [worker.send(tasks_slots.db_span, 20) for _ in range(4)]
+
+        def busy():
+            info = flower_worker(*flower, worker.hostname)
+            pool = (info or {}).get("stats", {}).get("pool", {})
+            per_child = pool.get("asyncsql", {}).get("children", [])
+            loaded = [c for c in per_child if c["in-flight"] == 2
+                      and c["engines"].get("default", {}).get("checked_out") == 2]
+            return pool if len(loaded) == 2 else None
+
+        pool = eventually(busy, timeout_s=60, what="Flower to show both children busy")
+        for result in running:
+            result.revoke(terminate=True)
+    assert pool["max-concurrency"] == 4
+    assert sorted(pool["processes"]) == children
+    asyncsql = pool["asyncsql"]
+    assert asyncsql["processes"] == 2
+    assert asyncsql["slots-per-process"] == 2
+    assert asyncsql["in-flight"] == 4
+    assert asyncsql["connection-budget"] == {"default": 4}
+    assert sorted(c["pid"] for c in asyncsql["children"]) == children
+    for child in asyncsql["children"]:
+        assert child["slots"] == 2
+        assert child["draining"] is False
+        assert child["engines"]["default"] == {"size": 2, "checked_out": 2, "overflow": 0}
