@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import importlib
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -178,7 +179,7 @@ def _seconds_or_none(value: Any) -> float | None:
 def _checked_loop(loop: str) -> str:
     if loop == "uvloop":
         try:
-            import uvloop  # noqa: F401
+            importlib.import_module("uvloop")
         except ImportError as exc:
             raise ConfigurationError(
                 f"Setting asyncsql_loop has value 'uvloop', which cannot be imported ({exc}); "
