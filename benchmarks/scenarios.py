@@ -35,6 +35,8 @@ SCENARIOS = (
              "prefork -c 2, a sync task that does nothing: the ceiling for any pool here"),
     Scenario("asyncsql", "asyncsql", 2, "asyncsql", WORKLOADS,
              "-P asyncsql -c 2, async def tasks on each child's loop and pooled engine"),
+    Scenario("asyncsql-uvloop", "asyncsql", 2, "asyncsql_uvloop", WORKLOADS,
+             "-P asyncsql -c 2 as asyncsql, with asyncsql_loop = 'uvloop'"),
     Scenario("asyncsql-20", "asyncsql", 20, "asyncsql", DATABASE_WORKLOADS,
              "-P asyncsql -c 20: 2 children, 10 tasks in flight each"),
     Scenario("asyncsql-100", "asyncsql", 100, "asyncsql", DATABASE_WORKLOADS,

@@ -4,6 +4,8 @@
 and builds its engines after fork, on that loop.
 """
 
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it
+
 from .database import engine as engine
 from .database import session as session
 from .errors import AsyncPoolError as AsyncPoolError

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from celery.exceptions import SoftTimeLimitExceeded
 
 from . import hooks
-from .config import Settings
+from .config import Settings, new_event_loop
 from .context import caller_context
 from .database import Databases, Sizing
 from .errors import BridgeError, TaskCancelledError
@@ -76,7 +76,7 @@ class Runtime:
                  own_thread: bool = True) -> None:
         self.settings = settings
         self.sizing = sizing
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop(settings.loop)
         self.databases: Databases | None = None
         self._thread = (threading.Thread(target=self._serve, name=name, daemon=True)
                         if own_thread else None)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from .errors import ChildStartError
 
 logger = logging.getLogger(__name__)
 
 Hook = Callable[[], Awaitable[None]]
+H = TypeVar("H", bound=Hook)  # the decorators give back the hook's own type
 
 _start_hooks: list[Hook] = []
 _stop_hooks: list[Hook] = []
 
 
-def on_child_start(hook: Hook) -> Hook:
+def on_child_start(hook: H) -> H:
     """Register ``async def hook()`` to run on each child's loop after its engines exist.
 
     Hooks run in registration order, each bounded by ``asyncsql_hook_timeout_s``.
@@ -27,7 +29,7 @@ def on_child_start(hook: Hook) -> Hook:
     return hook
 
 
-def on_child_stop(hook: Hook) -> Hook:
+def on_child_stop(hook: H) -> H:
     """Register ``async def hook()`` to run on each child's loop before its engines close.
 
     Hooks run in reverse registration order, each bounded by

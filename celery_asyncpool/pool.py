@@ -63,9 +63,9 @@ class TaskPool(BasePool):  # type: ignore[misc]
     # --- start ----------------------------------------------------------------------------
 
     def on_start(self) -> None:
-        logger.info("asyncsql pool: %d processes, %d task slot(s) each; database "
-                    "connections at most %s", self.processes, self.slots_per_child,
-                    describe(self.budget))
+        logger.info("asyncsql pool: %d processes, %d task slot(s) each, on %s event loops; "
+                    "database connections at most %s", self.processes, self.slots_per_child,
+                    self.settings.loop, describe(self.budget))
         for warning in startup_warnings(self.settings, self.sizing, self.budget):
             logger.warning("asyncsql pool at start-up: %s The worker runs on; "
                            "`celery asyncsql check` tells more.", warning)

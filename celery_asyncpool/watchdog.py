@@ -13,6 +13,7 @@ callback every quarter threshold, which also keeps an idle loop ticking.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 import threading
@@ -49,6 +50,7 @@ class Watchdog:
         self._warned_beat: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._loop_thread_id: int | None = None
+        self._outer_frames: frozenset[int] = frozenset()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="asyncsql-watchdog",
                                         daemon=True)
@@ -56,6 +58,7 @@ class Watchdog:
     def start(self) -> None:
         """Start the heartbeat on the running loop (call it there) and the watching thread."""
         self._loop_thread_id = threading.get_ident()
+        self._outer_frames = _frames_below_the_loop(sys._getframe())
         self._tick()
         self._thread.start()
 
@@ -98,7 +101,8 @@ class Watchdog:
 
     def _warn(self, overdue_s: float) -> None:
         running = asyncio.current_task(self._loop)  # reads a dict: safe from this thread
-        stack = _running_stack(sys._current_frames().get(self._loop_thread_id or 0))
+        stack = _running_stack(sys._current_frames().get(self._loop_thread_id or 0),
+                               self._outer_frames)
         logger.warning(
             "The event loop of this asyncsql child has not run for %.1fs "
             "(asyncsql_loop_block_warning_s = %s): %s blocks it, and every other task of "
@@ -107,14 +111,33 @@ class Watchdog:
             overdue_s, self.threshold_s, self._describe(running), stack.rstrip("\n"))
 
 
-def _running_stack(frame: FrameType | None) -> str:
+def _frames_below_the_loop(frame: FrameType | None) -> frozenset[int]:
+    """The frames (by id) that run the loop, seen from a coroutine running on it.
+
+    They live as long as the loop runs. asyncio's loop is Python code, but
+    uvloop's is not, so its callbacks are not found by their code: past the
+    outermost coroutine frame, every frame is the loop's or below it.
+    """
+    while frame is not None and not frame.f_code.co_flags & inspect.CO_COROUTINE:
+        frame = frame.f_back
+    while frame is not None and frame.f_code.co_flags & inspect.CO_COROUTINE:
+        frame = frame.f_back
+    below = set()
+    while frame is not None:
+        below.add(id(frame))
+        frame = frame.f_back
+    return frozenset(below)
+
+
+def _running_stack(frame: FrameType | None, outer_frames: frozenset[int] = frozenset()) -> str:
     """The stack of the callback or Task step running on the loop, innermost call last.
 
-    The frames from the loop up to the process's start, the same each time,
-    are left out.
+    The frames from the loop up to the process's start (``outer_frames``),
+    the same each time, are left out.
     """
     frames = []
-    while frame is not None and frame.f_code is not _LOOP_CALLBACK_CODE:
+    while (frame is not None and frame.f_code is not _LOOP_CALLBACK_CODE
+           and id(frame) not in outer_frames):
         frames.append((frame, frame.f_lineno))
         frame = frame.f_back
     return "".join(traceback.StackSummary.extract(reversed(frames)).format()) or "(none)\n"

@@ -23,7 +23,7 @@ def test_benchmark_runs_every_scenario_and_writes_its_report(tmp_path):
     report = json.loads((tmp_path / "results.json").read_text())
     measured = {(row["scenario"], row["workload"]) for row in report["rows"]}
     expected = {(s["name"], w) for s in report["scenarios"] for w in s["workloads"]}
-    assert measured == expected and len(report["scenarios"]) == 8
+    assert measured == expected and len(report["scenarios"]) == 9
     for row in report["rows"]:
         assert row["failures"] == 0, row
         assert row["throughput"] > 0 and row["cpu_ms_per_task"] >= 0, row  # 10 ms CPU ticks

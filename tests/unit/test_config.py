@@ -1,6 +1,7 @@
 """Settings validation: every bad value names the key, the value and what is expected."""
 
 import re
+import sys
 
 import pytest
 
@@ -128,3 +129,41 @@ def test_masked_values_hide_every_url_password_and_leave_the_rest():
     assert masked_values(value) == {
         "a": ["postgresql+asyncpg://user:***@host:5432/db", "no url", 3],
         "b": {"c": "see redis://:***@127.0.0.1:6379/0 and sqlite+aiosqlite:///x.db"}}
+
+
+def test_the_loop_is_asyncio_unless_uvloop_is_asked_for():
+    assert Settings.from_conf({}).loop == "asyncio"
+    assert Settings.from_conf({"asyncsql_loop": "uvloop"}).loop == "uvloop"
+
+
+def test_an_unknown_loop_names_the_choices():
+    with pytest.raises(ConfigurationError, match=r"asyncsql_loop has value 'trio'; "
+                                                 r"expected 'asyncio' or 'uvloop'"):
+        Settings.from_conf({"asyncsql_loop": "trio"})
+
+
+def test_uvloop_asked_for_but_not_installed_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what `import uvloop` meets when absent
+    with pytest.raises(ConfigurationError, match=re.escape(
+            "pip install 'celery-asyncpool[uvloop]'")):
+        Settings.from_conf({"asyncsql_loop": "uvloop"})
+
+
+@pytest.mark.parametrize("name,loop_module", [("asyncio", "asyncio"), ("uvloop", "uvloop")])
+def test_the_runtime_builds_the_loop_named(name, loop_module):
+    from celery_asyncpool.child import Runtime
+    from celery_asyncpool.database import Sizing
+
+    settings = Settings.from_conf({"asyncsql_loop": name})
+    runtime = Runtime(settings, Sizing(None, 1, 1), own_thread=False)
+    try:
+        assert type(runtime.loop).__module__.split(".")[0] == loop_module
+        assert runtime.run(_loop_module()) == loop_module
+    finally:
+        runtime.stop(run_hooks=False)
+
+
+async def _loop_module():
+    import asyncio
+
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
