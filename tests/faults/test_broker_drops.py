@@ -62,7 +62,8 @@ def test_after_broker_connections_drop_the_worker_reconnects_and_every_task_fini
                        "the pool busy with the last chunk")
             eventually(lambda: running(run) > 0, 10, "tasks running at the drop")
             drop_and_reconnect(worker, nth)
-        account = settle(f"broker connections dropped x{drops}", ids, run=run, timeout_s=30 + drops * 10)
+        account = settle(f"broker connections dropped x{drops}", ids, run=run,
+                         timeout_s=30 + drops * 10)
         eventually(lambda: _prefetch(worker) == SLOTS * MULTIPLIER, 20,
                    "prefetch back to slots x multiplier")
         ran, started = effects(run), effects(starts(run))

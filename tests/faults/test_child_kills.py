@@ -39,7 +39,8 @@ KILLS = [pytest.param(4, id="4-kills"),
 CAUGHT = re.compile(r"exited with signal 9 \(SIGKILL\) while running (\d+) job")
 
 
-def run_with_kills(worker, task, run: str, children: int, kills: int) -> tuple[list[str], list[int]]:
+def run_with_kills(worker, task, run: str, children: int,
+                   kills: int) -> tuple[list[str], list[int]]:
     """Send a chunk of tasks, SIGKILL a child (each in turn) a second later, ``kills`` times,
     then send the last chunk; return the ids sent and the pids killed."""
     ids: list[str] = []
