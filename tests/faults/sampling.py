@@ -77,13 +77,15 @@ class Peak:
 
 @dataclass(frozen=True)
 class Holdings:
-    """What one process holds: descriptors, its PostgreSQL sockets among them, threads, USS."""
+    """What one process holds: descriptors, its PostgreSQL sockets among them, threads, USS;
+    and the CPU time it has used so far."""
 
     pid: int
     fds: int
     pg_sockets: int
     threads: int
     uss: int
+    cpu_s: float
 
     @property
     def other_fds(self) -> int:
@@ -99,4 +101,5 @@ def holdings(pid: int) -> Holdings:
         sockets = process.net_connections(kind="tcp")
         return Holdings(pid=pid, fds=process.num_fds(),
                         pg_sockets=sum(1 for c in sockets if c.raddr and c.raddr.port == PG_PORT),
-                        threads=process.num_threads(), uss=process.memory_full_info().uss)
+                        threads=process.num_threads(), uss=process.memory_full_info().uss,
+                        cpu_s=sum(process.cpu_times()[:2]))
