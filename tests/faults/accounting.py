@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 import redis
+from celery.backends.database import DatabaseBackend
 
 from tests.integration.app import BACKEND_URL
 from tests.integration.conftest import PG_DSN, REDIS_URL
@@ -47,8 +48,14 @@ class Account:
                 str(len(self.missing)))
 
 
-def stored(task_ids: list[str], backend_url: str = BACKEND_URL) -> dict[str, dict]:
-    """The result metadata the Redis result backend holds for ``task_ids`` (absent: not stored)."""
+def stored(task_ids: list[str], backend_url: str = BACKEND_URL,
+           backend: DatabaseBackend | None = None) -> dict[str, dict]:
+    """The result metadata the Redis result backend holds for ``task_ids`` (absent: not stored).
+
+    Given ``backend``, Celery's database result backend, what that one holds.
+    """
+    if backend is not None:
+        return stored_in(backend, task_ids)
     client = redis.Redis.from_url(backend_url)
     found: dict[str, dict] = {}
     try:
@@ -62,6 +69,30 @@ def stored(task_ids: list[str], backend_url: str = BACKEND_URL) -> dict[str, dic
     return found
 
 
+def stored_in(backend: DatabaseBackend, task_ids: list[str]) -> dict[str, dict]:
+    """The outcomes a database result backend holds, shaped as the Redis backend stores them.
+
+    Which tasks have an outcome comes from one query per thousand ids; only a
+    task that did not succeed is read whole, for its reason.
+    """
+    statuses: dict[str, str] = {}
+    session = backend.ResultSession()
+    try:
+        for start in range(0, len(task_ids), 1000):
+            chunk = task_ids[start:start + 1000]
+            query = session.query(backend.task_cls.task_id, backend.task_cls.status)
+            statuses.update(query.filter(backend.task_cls.task_id.in_(chunk)).all())
+    finally:
+        session.close()
+    found: dict[str, dict] = {}
+    for task_id, status in statuses.items():
+        result = None if status == "SUCCESS" else backend.get_task_meta(task_id)["result"]
+        if isinstance(result, BaseException):
+            result = {"exc_type": type(result).__name__, "exc_message": str(result)}
+        found[task_id] = {"status": status, "result": result}
+    return found
+
+
 def effects(run: str) -> Counter[str]:
     """How many ledger rows each task of ``run`` wrote."""
     with psycopg.connect(PG_DSN, autocommit=True) as conn:
@@ -70,12 +101,12 @@ def effects(run: str) -> Counter[str]:
     return Counter({task_id: n for task_id, n in rows})
 
 
-def wait_settled(task_ids: list[str], timeout_s: float,
-                 backend_url: str = BACKEND_URL) -> dict[str, dict]:
+def wait_settled(task_ids: list[str], timeout_s: float, backend_url: str = BACKEND_URL,
+                 backend: DatabaseBackend | None = None) -> dict[str, dict]:
     """Poll the backend until every task has a terminal state or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while True:
-        metas = stored(task_ids, backend_url)
+        metas = stored(task_ids, backend_url, backend)
         settled = sum(1 for meta in metas.values() if meta["status"] in TERMINAL)
         if settled == len(task_ids) or time.monotonic() > deadline:
             return metas
@@ -83,14 +114,16 @@ def wait_settled(task_ids: list[str], timeout_s: float,
 
 
 def settle(fault: str, task_ids: Iterable[str], *, run: str | None, timeout_s: float = 120,
-           backend_url: str = BACKEND_URL) -> Account:
+           backend_url: str = BACKEND_URL, backend: DatabaseBackend | None = None) -> Account:
     """Wait for every task's outcome, then account for each; the account is also reported.
 
     ``run`` names the ledger rows of tasks that write an effect; None for tasks
     that write none, which are then accounted by their stored state alone.
+    Outcomes are read from the Redis result backend at ``backend_url``, or from
+    Celery's database result backend ``backend`` when given.
     """
     task_ids = list(task_ids)
-    metas = wait_settled(task_ids, timeout_s, backend_url)
+    metas = wait_settled(task_ids, timeout_s, backend_url, backend)
     counts = effects(run) if run is not None else None
     account = Account(fault, len(task_ids))
     for task_id in task_ids:

@@ -13,10 +13,11 @@ import time
 import uuid
 
 from tests.integration import tasks
-from tests.integration.conftest import ConnectionPeak, eventually, pg_connections, pg_scalar
+from tests.integration.conftest import eventually, pg_connections, pg_scalar
 
 from .accounting import figure, publish, settle, stored, wait_settled
 from .proxy import TcpProxy
+from .sampling import Peak
 from .tasks import INCLUDE
 from .tasks_db import db_effect, db_effect_no_retry
 
@@ -67,7 +68,7 @@ def test_tasks_cut_off_from_their_database_retry_and_succeed_once_it_is_back(wor
     run = uuid.uuid4().hex
     with TcpProxy() as proxy, _through(proxy, worker_factory, concurrency=8) as worker:
         budget = _budget(worker)
-        with ConnectionPeak(worker.app_name) as peak:
+        with Peak(worker.app_name) as peak:
             ids = publish(worker, db_effect, 40, run, 1.0)
             cut = eventually(lambda: _holding_a_connection(worker.app_name, 4),
                              what="tasks holding a connection")

@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -80,31 +79,6 @@ def pg_connections(app_name: str) -> int:
     """Connections PostgreSQL holds for one worker, by its application_name."""
     return int(pg_scalar(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", app_name))
-
-
-class ConnectionPeak:
-    """Samples pg_stat_activity for some application_names on a thread, keeps each peak."""
-
-    def __init__(self, *names: str) -> None:
-        self.peaks = dict.fromkeys(names, 0)
-        self.total = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> ConnectionPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            counts = {name: pg_connections(name) for name in self.peaks}
-            self.total = max(self.total, sum(counts.values()))
-            for name, count in counts.items():
-                self.peaks[name] = max(self.peaks[name], count)
 
 
 class Worker:
