@@ -6,18 +6,18 @@ and builds its engines after fork, on that loop.
 
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it
 
-from .database import engine as engine
-from .database import session as session
+from .databases.api import engine as engine
+from .databases.api import session as session
 from .errors import AsyncPoolError as AsyncPoolError
 from .errors import BridgeError as BridgeError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import NoRuntimeError as NoRuntimeError
 from .hooks import on_child_start as on_child_start
 from .hooks import on_child_stop as on_child_stop
-from .pool import TaskPool as TaskPool
+from .parent.pool import TaskPool as TaskPool
 from .registration import register as _register
-from .standalone import bind as bind
-from .standalone import open_databases as open_databases
+from .databases.standalone import bind as bind
+from .databases.standalone import open_databases as open_databases
 from .task import AsyncTask as AsyncTask
 
 __all__ = (

@@ -8,9 +8,11 @@ SQLAlchemy: every ``celery`` invocation pays for it.
 from __future__ import annotations
 
 import os
+
 import click
 from celery.bin.base import CeleryCommand
 
+from .errors import AsyncPoolError
 from .registration import register
 
 register()
@@ -31,11 +33,14 @@ def check(ctx: click.Context, concurrency: int | None) -> None:
     Exits non-zero, with the reason, when a setting is wrong, a database cannot be
     reached, or the budget exceeds the server's max_connections.
     """
-    from .checks import run_check
+    from .databases.checks import run_check
 
     app = ctx.obj.app
     slots = concurrency or app.conf.worker_concurrency or os.cpu_count() or 1
-    problems = run_check(app, slots, echo=click.echo)
+    try:
+        problems = run_check(app, slots, echo=click.echo)
+    except AsyncPoolError as exc:
+        raise click.ClickException(str(exc)) from None
     if problems:
         for problem in problems:
             click.echo(f"error: {problem}", err=True)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import contextvars
 from typing import TYPE_CHECKING, Any
 
-from celery import _state
 from celery.utils.threads import get_ident
 
-from .errors import AsyncPoolError
+from . import _compat
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -40,17 +39,11 @@ def install(app: Celery) -> None:
     """Key Celery's task stack and every task's request stack by caller.
 
     Raises:
-        AsyncPoolError: when this Celery's stacks no longer take an identity
-            function (``celery.utils.threads.LocalStack.__ident_func__``).
+        CompatibilityError: when this Celery's stacks no longer take an identity
+            function.
     """
-    stacks = [_state._task_stack]
+    stacks = [_compat.task_stack()]
     stacks += [task.request_stack for task in app.tasks.values()
                if task.request_stack is not None]
     for stack in stacks:
-        if not hasattr(type(stack), "__ident_func__"):
-            raise AsyncPoolError(
-                f"{type(stack).__module__}.{type(stack).__name__} has no __ident_func__: "
-                "this Celery version keys task requests differently, so async tasks "
-                "cannot see self.request. Unset USE_FAST_LOCALS, or pin celery<5.8."
-            )
-        stack.__ident_func__ = _ident
+        _compat.set_stack_identity(stack, _ident)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 from celery.exceptions import ImproperlyConfigured
-from click import ClickException
 
 
 class AsyncPoolError(Exception):
     """Base class for every error this package raises."""
 
 
-class ConfigurationError(AsyncPoolError, ImproperlyConfigured, ClickException):  # type: ignore[misc]
+# Without celery-types, Celery is untyped (Any); with them, the ignore is unused.
+class ConfigurationError(AsyncPoolError, ImproperlyConfigured):  # type: ignore[misc, unused-ignore]
     """An ``asyncsql_*`` setting has a wrong name, type or value.
 
-    A ``ClickException`` too, so the ``celery`` command prints the message
-    alone (``Error: ...``, exit status 1) rather than a traceback.
+    The ``celery`` command prints it alone (``Error: ...``, exit status 1):
+    ``registration`` turns it into a click error there.
     """
+
+
+class CompatibilityError(AsyncPoolError):
+    """An installed Celery, kombu, billiard or Python lacks an internal the pool relies on."""
 
 
 class NoRuntimeError(AsyncPoolError):

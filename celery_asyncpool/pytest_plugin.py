@@ -26,7 +26,6 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +45,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   "shell-quoted (e.g. -Q myqueue --loglevel debug).", default="")
 
 
-@dataclass
 class AsyncsqlWorker:
-    """A running ``celery worker -P asyncsql`` subprocess and its log."""
+    """A running ``celery worker`` subprocess (in a session of its own) and its log."""
 
-    proc: subprocess.Popen[bytes]
-    hostname: str
-    log_path: Path
+    def __init__(self, proc: subprocess.Popen[bytes], hostname: str, log_path: Path) -> None:
+        self.proc = proc
+        self.hostname = hostname
+        self.log_path = log_path
 
     @property
     def pid(self) -> int:
@@ -78,45 +77,87 @@ class AsyncsqlWorker:
                                    f"{timeout_s}s; its log:\n{self.logs()}")
             time.sleep(0.1)
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
+    def inspect(self, app: Any, timeout_s: float = 2.0) -> Any:
+        """``app.control.inspect`` for this worker alone (``.stats()``, ``.active()``...)."""
+        return app.control.inspect(destination=[self.hostname], timeout=timeout_s)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S, sig: int = signal.SIGTERM) -> int:
         """Warm shutdown (SIGTERM: running tasks finish); SIGKILL its process group if stuck."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # its own group: the worker and children
+            self.kill()
             return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL the worker's process group: the worker and its children."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start_worker(command: Sequence[str], *, hostname: str, log_path: str | Path,
+                 env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
+                 pythonpath: Sequence[str] = (),
+                 worker_class: type[AsyncsqlWorker] = AsyncsqlWorker,
+                 **attributes: Any) -> AsyncsqlWorker:
+    """Start a ``celery ... worker`` command line, its output to ``log_path``; not waited for.
+
+    The worker imports with ``pythonpath`` and this process's own import path ahead of its
+    ``PYTHONPATH``, so modules the tests import, it imports too. ``worker_class`` (an
+    ``AsyncsqlWorker``) is built with the process, ``hostname``, ``log_path`` and ``attributes``.
+    """
+    log_path = Path(log_path)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(list(command), cwd=cwd, env=_environment(env, pythonpath),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return worker_class(proc, hostname, log_path, **attributes)
+
+
+def worker_command(app: str, *, hostname: str, pool: str | None = "asyncsql",
+                   concurrency: int | None = 2, args: Sequence[str] = ()) -> list[str]:
+    """``celery -A app worker`` with our pool, ``-c``, its name, INFO logs, no gossip or mingle."""
+    command = [sys.executable, "-m", "celery", "-A", app, "worker", "-n", hostname, "-l", "info",
+               "--without-gossip", "--without-mingle"]
+    if pool:
+        command += ["-P", pool]
+    if concurrency:
+        command += ["-c", str(concurrency)]
+    return command + list(args)
 
 
 @contextmanager
-def asyncsql_worker_process(app: str, *, concurrency: int = 2, args: Sequence[str] = (),
+def asyncsql_worker_process(app: str, *, concurrency: int | None = 2, args: Sequence[str] = (),
                             env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
                             log_dir: str | Path | None = None, pythonpath: Sequence[str] = (),
-                            ready_timeout_s: float = READY_TIMEOUT_S) -> Iterator[AsyncsqlWorker]:
-    """Run ``celery -A app worker -P asyncsql -c concurrency *args`` until the block exits.
+                            ready_timeout_s: float = READY_TIMEOUT_S,
+                            pool: str | None = "asyncsql", hostname: str | None = None,
+                            log_path: str | Path | None = None, ready: bool = True,
+                            worker_class: type[AsyncsqlWorker] = AsyncsqlWorker,
+                            **attributes: Any) -> Iterator[AsyncsqlWorker]:
+    """Run ``celery -A app worker -P pool -c concurrency *args`` until the block exits.
 
     Gossip and mingle are off (nothing to exchange with in a test); the log is
-    ``log_dir/worker.log`` (a new temporary folder by default).
-
-    The worker imports ``app`` with ``pythonpath`` and this process's own
-    import path ahead of its ``PYTHONPATH``, so modules the tests import, it
-    imports too. Yields once the worker logs that it is ready.
+    ``log_path``, else ``log_dir/worker.log`` (a new temporary folder by default).
+    Yields once the worker logs that it is ready (unless ``ready`` is false), and
+    stops it with a warm shutdown at the end (SIGKILL to its group if it hangs).
 
     Raises:
         RuntimeError: the worker exited or was not ready within ``ready_timeout_s``.
     """
-    hostname = f"asyncsql-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
-    log_path = Path(log_dir or tempfile.mkdtemp(prefix="asyncsql-worker-")) / "worker.log"
-    command = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", "asyncsql",
-               "-c", str(concurrency), "-n", hostname, "-l", "info",
-               "--without-gossip", "--without-mingle", *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=cwd, env=_environment(env, pythonpath),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    worker = AsyncsqlWorker(proc, hostname, log_path)
+    hostname = hostname or f"asyncsql-{uuid.uuid4().hex[:8]}@{socket.gethostname()}"
+    if log_path is None:
+        log_path = Path(log_dir or tempfile.mkdtemp(prefix="asyncsql-worker-")) / "worker.log"
+    command = worker_command(app, hostname=hostname, pool=pool, concurrency=concurrency,
+                             args=args)
+    worker = start_worker(command, hostname=hostname, log_path=log_path, env=env, cwd=cwd,
+                          pythonpath=pythonpath, worker_class=worker_class, **attributes)
     try:
-        worker.wait_for_log(" ready.", ready_timeout_s)
+        if ready:
+            worker.wait_for_log(" ready.", ready_timeout_s)
         yield worker
     finally:
         worker.stop()

@@ -1,4 +1,6 @@
-"""The one place that touches Celery's pool registry, its CLI state and its worker.
+"""Where the package hooks into Celery: the pool's name, the CLI, the worker being built.
+
+Every Celery internal used here goes through ``_compat``.
 
 ``celery.bin.worker`` builds the ``-P`` option's choices (``WORKERS_POOL``, a
 click ``Choice``) when it is imported, from ``celery.concurrency.ALIASES``.
@@ -16,18 +18,26 @@ so the pool can lay its children out for that maximum (``autoscale_maximum``).
 censor settings by key, which misses a URL nested in ``asyncsql_databases``.
 Another ``worker_init`` receiver re-registers both commands, through Celery's
 own ``inspect_command``, to hide the password of every URL in their replies.
+
+A bad setting raises ``ConfigurationError`` while the worker is built; the
+``celery worker`` command's callback is wrapped to print it as a click error
+(``Error: ...``, exit status 1) instead of a traceback.
+
+Before the worker imports the task modules (Celery's ``import_modules``
+signal), engines start being noted for fork safety (``databases.fork``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import sys
 import weakref
+from collections.abc import Callable
 from typing import Any
 
+from . import _compat
 from .config import masked_values
-from .errors import AsyncPoolError
+from .errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -40,53 +50,53 @@ def register() -> None:
     """Make ``asyncsql`` a pool name for config, ``app.Worker`` and ``-P``.
 
     Raises:
-        AsyncPoolError: when ``celery.bin.worker`` no longer keeps its pool
-            choices where this package extends them.
+        CompatibilityError: when ``celery.bin.worker`` no longer keeps its pool
+            choices or its command where this package extends them.
     """
-    from celery import concurrency, signals
+    from celery import signals
 
-    concurrency.ALIASES.setdefault(POOL_NAME, POOL_PATH)
+    _compat.pool_aliases().setdefault(POOL_NAME, POOL_PATH)
     signals.worker_init.connect(_remember_worker, weak=False,
                                 dispatch_uid="celery_asyncpool.remember_worker")
     signals.worker_init.connect(_mask_inspect_replies, weak=False,
                                 dispatch_uid="celery_asyncpool.mask_inspect_replies")
-    worker_cli = sys.modules.get("celery.bin.worker")
+    signals.import_modules.connect(_watch_engines, weak=False,
+                                   dispatch_uid="celery_asyncpool.watch_engines")
+    worker_cli = _compat.worker_cli()
     if worker_cli is not None:
-        _extend_cli_choices(worker_cli)
+        _compat.extend_pool_choices(worker_cli, POOL_NAME)
+        _compat.wrap_worker_command(worker_cli, _configuration_errors_as_click_errors)
 
 
-def _extend_cli_choices(worker_cli: object) -> None:
-    option = getattr(worker_cli, "WORKERS_POOL", None)
-    choices = getattr(option, "choices", None)
-    if not isinstance(choices, (list, tuple)):
-        raise AsyncPoolError(
-            "celery.bin.worker.WORKERS_POOL no longer holds the -P choices this package "
-            "extends, so `-P asyncsql` cannot be offered on this Celery version; set "
-            "worker_pool = 'asyncsql' in the Celery config instead.")
-    if POOL_NAME not in choices:
-        option.choices = (*choices, POOL_NAME)  # type: ignore[union-attr]
+def _configuration_errors_as_click_errors(callback: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(callback)
+    def worker(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except ConfigurationError as exc:
+            import click
+
+            raise click.ClickException(str(exc)) from None
+    return worker
+
+
+def _watch_engines(**_: Any) -> None:
+    """``import_modules`` (before the worker imports task modules): note engines from now on."""
+    from .databases.fork import watch_engines
+
+    watch_engines()
 
 
 def _mask_inspect_replies(**_: Any) -> None:
     """Make ``inspect conf`` and ``inspect report`` hide URL passwords, in this worker.
 
     Raises:
-        AsyncPoolError: when Celery no longer has a command this wraps.
+        CompatibilityError: when Celery no longer has a command this wraps.
     """
-    from celery.worker import control
-
     for name in MASKED_COMMANDS:
-        original = control.Panel.data.get(name)
-        info = control.Panel.meta.get(name)
-        if original is None or info is None:
-            raise AsyncPoolError(
-                f"celery.worker.control no longer registers the `{name}` inspect command "
-                f"whose reply celery_asyncpool masks, so it could show database passwords "
-                f"from asyncsql_databases. Pin celery<5.8 or report this Celery version.")
+        original, info = _compat.inspect_command(name)
         if not getattr(original, "masks_urls", False):
-            control.inspect_command(
-                name=name, alias=info.alias, signature=info.signature, args=info.args,
-                default_timeout=info.default_timeout, help=info.help)(_masked(original))
+            _compat.register_inspect_command(name, _masked(original), info)
 
 
 def _masked(command: Any) -> Any:
@@ -118,8 +128,7 @@ def autoscale_maximum(limit: int) -> int | None:
     worker = None if _worker is None else _worker()
     if worker is None or getattr(worker, "pool", None) is not None:
         return None  # no worker, or its pool was created already: not this pool's worker
-    autoscale = getattr(worker, "autoscale", None)
-    maximum = getattr(worker, "max_concurrency", None)
+    autoscale, maximum = _compat.autoscale_of(worker)
     if not autoscale:
         return None
     if not isinstance(maximum, int) or isinstance(maximum, bool):

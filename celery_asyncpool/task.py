@@ -1,9 +1,9 @@
-"""Async task bodies: bridged onto the child's loop, and run to completion eagerly.
+"""``AsyncTask``: ``async def`` bodies run to completion eagerly, and refused by other pools.
 
-In a worker child Celery's tracer calls ``task.run`` (or ``task.__call__``,
-which calls ``self.run``). Giving each ``async def`` task an instance
-attribute ``run`` that hands the coroutine to the loop and waits changes what
-the tracer executes without changing the tracer.
+In a worker child the bodies are bridged onto the child's loop
+(``celery_asyncpool.child.bridge``); here is what the task side needs
+elsewhere: eager mode and ``apply()`` on a helper loop, and a clear error from
+a pool that cannot run them.
 """
 
 from __future__ import annotations
@@ -18,69 +18,22 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Task, signals
-from celery.app.trace import build_tracer
 
-from . import context, greenlets
+from . import context
+from .child.bridge import async_tasks
+from .child.runtime import Runtime
 from .config import Settings
-from .database import Sizing
+from .databases.engines import Sizing
 from .errors import BridgeError
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .child import Runtime
-
 logger = logging.getLogger(__name__)
 
 
-def body_attribute(task: Task) -> str | None:
-    """The attribute holding the task's ``async def`` body, or None for a sync task.
-
-    Celery's ``autoretry_for`` replaces ``run`` with a sync wrapper that calls
-    the body kept as ``_orig_run``; bridging that keeps autoretry working.
-    """
-    for attribute in ("_orig_run", "run"):
-        if inspect.iscoroutinefunction(getattr(task, attribute, None)):
-            return attribute
-    return None
-
-
-def async_tasks(app: Celery) -> dict[str, tuple[Task, str]]:
-    """Each async task by name, with the attribute holding its body."""
-    found = {}
-    for name, task in app.tasks.items():
-        attribute = body_attribute(task)
-        if attribute is not None:
-            found[name] = (task, attribute)
-    return found
-
-
-def install_bridges(app: Celery, runtime: Runtime, hostname: str) -> frozenset[str]:
-    """Make every async task body run on ``runtime``'s loop when Celery's tracer calls it.
-
-    Returns the names of the tasks bridged: afterwards ``body_attribute`` no
-    longer sees them as async, their bodies being the bridge.
-    """
-    context.install(app)
-    found = async_tasks(app)
-    for name, (task, attribute) in found.items():
-        setattr(task, attribute, _bridge(getattr(task, attribute), runtime))
-        task.__trace__ = build_tracer(name, task, app.loader, hostname, app=app)
-    return frozenset(found)
-
-
-def _bridge(body: Callable[..., Any], runtime: Runtime) -> Callable[..., Any]:
-    @functools.wraps(body)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if greenlets.in_tracer():
-            return greenlets.await_body(body(*args, **kwargs))  # a slot-aware child's job
-        if runtime.on_loop_thread():
-            return body(*args, **kwargs)  # awaited by the coroutine that called it
-        return runtime.run(body(*args, **kwargs))
-    return run
-
-
-class AsyncTask(Task):  # type: ignore[misc]
+# Task is Any without celery-types (an ignored subclass of Any); with them, the ignore is unused.
+class AsyncTask(Task[Any, Any]):  # type: ignore[misc, unused-ignore]
     """Task base whose ``async def`` bodies also finish under ``apply()`` and eager mode.
 
     ``Celery(..., task_cls="celery_asyncpool:AsyncTask")`` or
@@ -112,8 +65,6 @@ def eager_runtime(app: Celery) -> Runtime:
     Raises:
         BridgeError: when called from that helper loop itself (``await`` instead).
     """
-    from .child import Runtime
-
     with _eager_lock:
         runtime = _eager.get(app)
         if runtime is None:
@@ -165,13 +116,11 @@ def _refusal(body: Callable[..., Any], name: str, pool_name: str) -> Callable[..
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
-    from .pool import TaskPool
-
     # In a worker no task returns a coroutine (asyncsql bridges them, other pools
     # refuse them), so keep the eager-mode check off every task's path there.
     signals.task_postrun.disconnect(_on_task_postrun)
     pool_cls = getattr(sender, "pool_cls", None)
-    if isinstance(pool_cls, type) and not issubclass(pool_cls, TaskPool):
+    if isinstance(pool_cls, type) and not getattr(pool_cls, "runs_coroutines", False):
         refuse_async_tasks(sender.app, pool_cls.__module__.rsplit(".", 1)[-1])
 
 

@@ -167,12 +167,13 @@ def figure(name: str, value: str) -> None:
     FIGURES.append((name, value))
 
 
-def table() -> list[str]:
-    """The accounts as a Markdown table, then the figures."""
+def table(rows: Iterable[Iterable[str]], figures: Iterable[Iterable[str]]) -> list[str]:
+    """Accounts' rows (``Account.row``) as a Markdown table, then the figures."""
     lines = ["| fault | sent | ran once | ran again | failed with reason | missing |",
              "|---|---:|---:|---:|---|---:|"]
-    lines += ["| " + " | ".join(account.row()) + " |" for account in ACCOUNTS]
-    if FIGURES:
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    figures = [tuple(figure) for figure in figures]
+    if figures:
         lines += ["", "| figure | value |", "|---|---|"]
-        lines += [f"| {name} | {value} |" for name, value in FIGURES]
+        lines += [f"| {name} | {value} |" for name, value in figures]
     return lines

@@ -15,11 +15,17 @@ import uuid
 import pytest
 
 from tests.integration.conftest import eventually
-from tests.integration.test_broker import REDIS_BROKER, TRANSPORT, _prefetch, \
-    drop_broker_connections
+from tests.integration.test_broker import (
+    REDIS_BROKER,
+    TRANSPORT,
+    _prefetch,
+    drop_broker_connections,
+)
 
 from .accounting import effects, publish, settle
 from .tasks_crash import INCLUDE, marked_effect, marked_effect_late, starts
+
+pytestmark = pytest.mark.serial  # it cuts the broker's connections
 
 DROPS = [pytest.param(3, id="3-drops"),
          pytest.param(15, id="15-drops", marks=[pytest.mark.soak, pytest.mark.timeout(600)])]

@@ -1,13 +1,17 @@
 """Bad configuration fails a real worker at start-up, naming the key, the value and the fix."""
 
 import json
-import os
-import subprocess
-import sys
+import uuid
+from pathlib import Path
+
+import pytest
 
 from celery_asyncpool.config import OPTIONS
+from celery_asyncpool.pytest_plugin import AsyncsqlWorker, start_worker, worker_command
 from tests.integration import tasks
 from tests.integration.conftest import ROOT
+
+pytestmark = pytest.mark.serial  # it starts a dozen workers at once
 
 WRONG = {  # one wrong type or range for every setting; a new setting must be added here
     "asyncsql_processes": 0,
@@ -32,22 +36,23 @@ OTHER_MISTAKES = [
 ]
 
 
-def _start_worker(conf: dict) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ITEST_CONF": json.dumps(conf)}
-    command = [sys.executable, "-m", "celery", "-A", "tests.integration.app", "worker",
-               "-P", "asyncsql", "-c", "2", "-Q", "itest-never-used"]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def _start_worker(conf: dict, log_path: Path) -> AsyncsqlWorker:
+    command = worker_command("tests.integration.app", hostname=f"bad-{uuid.uuid4().hex[:8]}@%h",
+                             args=["-Q", "itest-never-used"])
+    return start_worker(command, hostname="", log_path=log_path, cwd=ROOT,
+                        env={"ITEST_CONF": json.dumps(conf)}, pythonpath=[str(ROOT)])
 
 
-def test_every_setting_given_a_wrong_value_fails_the_worker_at_start_up_naming_it():
+def test_every_setting_given_a_wrong_value_fails_the_worker_at_start_up_naming_it(tmp_path):
     assert set(WRONG) == set(EXPECTED), "every asyncsql_* setting has a wrong value here"
     cases = [({key: value}, f"Setting {key} has value {value!r}; expected {EXPECTED[key]}")
              for key, value in WRONG.items()] + OTHER_MISTAKES
-    started = [(conf, message, _start_worker(conf)) for conf, message in cases]  # at once
-    for conf, message, proc in started:
-        out, _ = proc.communicate(timeout=120)
-        assert proc.returncode != 0, f"a worker with {conf} started"
+    started = [(conf, message, _start_worker(conf, tmp_path / f"{n}.log"))
+               for n, (conf, message) in enumerate(cases)]  # at once
+    for conf, message, worker in started:
+        worker.proc.wait(timeout=120)
+        out = worker.logs()
+        assert worker.proc.returncode != 0, f"a worker with {conf} started"
         assert message in out, f"{conf}: no {message!r} in:\n{out[-3000:]}"
         assert "Traceback" not in out, f"{conf}: a clear message, not a traceback:\n{out}"
         assert "pw@" not in out

@@ -12,6 +12,8 @@ import re
 import time
 import uuid
 
+import pytest
+
 from tests.integration import tasks
 from tests.integration.conftest import eventually, pg_connections, pg_scalar
 
@@ -20,6 +22,8 @@ from .proxy import TcpProxy
 from .sampling import Peak
 from .tasks import INCLUDE
 from .tasks_db import db_effect, db_effect_no_retry
+
+pytestmark = pytest.mark.serial  # it cuts PostgreSQL connections and takes a proxy down
 
 OUTAGE_S = 3.0
 SETTLE_S = 60.0  # every task has a stored outcome by then: none waits on the lost database

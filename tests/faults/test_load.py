@@ -25,6 +25,8 @@ from .accounting import Account, figure, publish, settle, wait_settled
 from .sampling import Connections, Holdings, Peak, holdings
 from .tasks import INCLUDE, effect
 
+pytestmark = pytest.mark.serial  # it takes 80 of PostgreSQL's 100 connections
+
 CONCURRENCY = 100
 BURST = 20_000
 SOAK, SOAK_BATCH = 100_000, 20_000

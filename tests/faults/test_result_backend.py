@@ -21,6 +21,8 @@ from .accounting import figure, publish, settle, wait_settled
 from .sampling import Peak
 from .tasks import INCLUDE, effect
 
+pytestmark = pytest.mark.serial  # it takes 86 of PostgreSQL's 100 connections
+
 BACKEND_URL = "postgresql+psycopg://postgres:hunter2@127.0.0.1:5432/test"  # trust: unused
 MASKED_URL = "postgresql+psycopg://postgres:***@127.0.0.1:5432/test"
 ASYNC_TASKS, SYNC_TASKS = 2_000, 200

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,9 +23,11 @@ import psycopg
 import pytest
 import redis
 
+from celery_asyncpool.pytest_plugin import AsyncsqlWorker, asyncsql_worker_process
+
 ROOT = Path(__file__).resolve().parents[2]
 PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-REDIS_URL = "redis://127.0.0.1:6379/14"
+REDIS_URL = os.environ["ITEST_BROKER"]  # this shard's broker database (tests/conftest.py)
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 BROKERS = [pytest.param(REDIS_URL, id="redis"), pytest.param(RABBITMQ_URL, id="amqp")]
 
@@ -81,17 +82,14 @@ def pg_connections(app_name: str) -> int:
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", app_name))
 
 
-class Worker:
-    """A ``celery worker`` subprocess on a queue of its own."""
+class Worker(AsyncsqlWorker):
+    """A ``celery worker`` subprocess on a queue of its own, started by the shipped plugin."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], queue: str, app_name: str,
-                 log_path: Path, broker: str = REDIS_URL) -> None:
-        self.proc = proc
-        self.pid = proc.pid
+    def __init__(self, proc: subprocess.Popen[bytes], hostname: str, log_path: Path, *,
+                 queue: str, app_name: str, broker: str = REDIS_URL) -> None:
+        super().__init__(proc, hostname, log_path)
         self.queue = queue
         self.app_name = app_name
-        self.hostname = f"{queue}@{socket.gethostname()}"
-        self.log_path = log_path
         self.broker = broker
         self._connection = None
         self._client = None
@@ -142,9 +140,6 @@ class Worker:
             return int(channel.client.llen(self.queue))
         return channel.queue_declare(self.queue, passive=True).message_count
 
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
     def children(self) -> list[int]:
         """The pool's children: billiard's semaphore tracker (spawn starts one) is not one."""
         try:
@@ -154,14 +149,10 @@ class Worker:
         return sorted(p.pid for p in found if not _is_semaphore_tracker(p))
 
     def wait_for_log(self, needle: str, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while needle not in self.logs():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.logs()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {needle!r} in the worker log within {timeout_s}s:\n"
-                                     f"{self.logs()[-5000:]}")
-            time.sleep(0.1)
+        try:
+            super().wait_for_log(needle, timeout_s)
+        except RuntimeError as exc:
+            raise AssertionError(str(exc)[-5000:]) from None
 
     def wait_for_children(self, count: int, timeout_s: float = 20) -> list[int]:
         deadline = time.monotonic() + timeout_s
@@ -182,15 +173,7 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the worker and every child it still has."""
-        try:
-            family = [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]
-        except psutil.NoSuchProcess:
-            family = []
-        for proc in family:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        super().kill()
         self.proc.wait(10)
 
 
@@ -207,43 +190,37 @@ def run_worker(tmp_path: Path, *, pool: str = "asyncsql", concurrency: int = 2,
                include: str = "tests.integration.tasks", env: dict | None = None,
                ready: bool = True, queue: str | None = None,
                broker: str = REDIS_URL) -> Iterator[Worker]:
-    """Start a worker (on a new queue unless given one), wait until it is ready, stop it."""
+    """Start a worker (on a new queue unless given one), wait until it is ready, stop it.
+
+    Through the shipped pytest plugin's launcher, as users' own tests start theirs.
+    """
     queue = queue or f"itest-{uuid.uuid4().hex[:10]}"
-    app_name = queue
-    log_path = tmp_path / f"{queue}.log"
     environment = {
-        **os.environ,
         "ITEST_QUEUE": queue,
-        "ITEST_APP_NAME": app_name,
+        "ITEST_APP_NAME": queue,
         "ITEST_INCLUDE": include,
         "ITEST_CONF": json.dumps(conf or {}),
-        "PYTHONPATH": str(ROOT),
         "ITEST_BROKER": broker,
         **(env or {}),
     }
-    command = [sys.executable, "-m", "celery", "-A", "tests.integration.app", "worker",
-               "-l", "info", "-n", f"{queue}@%h", "-Q", queue,
-               "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    if pool:
-        command += ["-P", pool]
-    if concurrency:
-        command += ["-c", str(concurrency)]
-    command += list(args)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log,
-                                stderr=subprocess.STDOUT)
-    worker = Worker(proc, queue, app_name, log_path, broker)
-    try:
-        if ready:
-            worker.wait_for_log(" ready.")
-        yield worker
-    finally:
-        if worker.proc.poll() is None:
-            try:
-                worker.stop(timeout_s=30)
-            except AssertionError:
-                pass
-        worker.close()
+    launch = asyncsql_worker_process(
+        "tests.integration.app", pool=pool or None, concurrency=concurrency or None,
+        args=["-Q", queue, "--without-heartbeat", *args], env=environment, cwd=ROOT,
+        pythonpath=[str(ROOT)], hostname=f"{queue}@{socket.gethostname()}",
+        log_path=tmp_path / f"{queue}.log", ready=False, worker_class=Worker,
+        queue=queue, app_name=queue, broker=broker)
+    with launch as worker:
+        try:
+            if ready:
+                worker.wait_for_log(" ready.")
+            yield worker
+        finally:
+            if worker.proc.poll() is None:
+                try:
+                    worker.stop(timeout_s=30)
+                except AssertionError:
+                    pass
+            worker.close()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from __future__ import annotations
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+
+from celery_asyncpool.pytest_plugin import start_worker
 
 from .conftest import PG_DSN, ROOT, Worker
 
@@ -43,7 +46,7 @@ SKIPPED_COMMANDS = ("pip ",)
 VALIDATE = """
 import runpy, sys
 from celery_asyncpool.config import Settings
-from celery_asyncpool.database import Sizing, check_engine_options
+from celery_asyncpool.databases.engines import Sizing, check_engine_options
 found = runpy.run_path(sys.argv[1], run_name="__docs__")
 conf = {k: v for k, v in found.items() if k.startswith("asyncsql_")}
 if conf:
@@ -146,9 +149,9 @@ class PagePlayer:
     def start_worker(self, argv: list[str], block: Block) -> None:
         self.stop_worker()
         log_path = self.folder / f"worker-{block.line}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(argv, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT)
-        self.worker = Worker(proc, "celery", "docs", log_path)
+        self.worker = start_worker(argv, hostname=f"celery@{socket.gethostname()}",
+                                   log_path=log_path, cwd=self.folder, worker_class=Worker,
+                                   queue="celery", app_name="docs")
         self.worker.wait_for_log(" ready.", timeout_s=60)
 
     def stop_worker(self) -> None:

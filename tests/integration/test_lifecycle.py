@@ -7,10 +7,8 @@ sync twin of the task, and both must behave alike.
 """
 
 import json
-import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -21,6 +19,8 @@ import psycopg
 import pytest
 import redis
 from celery import Celery
+
+from celery_asyncpool.pytest_plugin import start_worker
 
 from . import tasks, tasks_lifecycle
 from .app import app, app_module_pid
@@ -412,12 +412,12 @@ def test_app_worker_from_a_script_starts_the_pool(tmp_path):
     script = tmp_path / "run_worker.py"
     script.write_text(WORKER_SCRIPT.format(root=str(ROOT), queue=queue, hostname=hostname))
     log_path = tmp_path / f"{queue}.log"
-    env = {**os.environ, "ITEST_QUEUE": queue, "ITEST_APP_NAME": queue, "ITEST_INCLUDE": INCLUDE,
-           "ITEST_CONF": "{}", "PYTHONPATH": str(ROOT)}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    worker = Worker(proc, queue, queue, log_path)
+    env = {"ITEST_QUEUE": queue, "ITEST_APP_NAME": queue, "ITEST_INCLUDE": INCLUDE,
+           "ITEST_CONF": "{}"}
+    worker = start_worker([sys.executable, str(script)], hostname=hostname, log_path=log_path,
+                          env=env, cwd=tmp_path, pythonpath=[str(ROOT)], worker_class=Worker,
+                          queue=queue, app_name=queue)
+    proc = worker.proc
     try:
         worker.wait_for_log(" ready.", timeout_s=60)
         assert worker.hostname == hostname

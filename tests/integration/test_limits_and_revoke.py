@@ -82,7 +82,6 @@ def wait_for_children_without(worker, gone: int, timeout_s: float = 30) -> list[
 def assert_child_kept_or_replaced(worker, pool, hit_pid, sibling_pid):
     """asyncsql cancels the one coroutine and keeps its child; prefork kills and replaces it."""
     if pool == "asyncsql":
-        time.sleep(0.5)
         assert worker.children() == sorted({hit_pid, sibling_pid}), "no child was replaced"
     else:
         assert sibling_pid in wait_for_children_without(worker, hit_pid)
@@ -264,7 +263,10 @@ def test_hard_time_limit_is_stored_once_and_hits_only_its_task(worker_factory, p
         # (Request.on_timeout, then on_failure from the pool's error callback).
         outcomes = {(meta["status"], meta["result"]["exc_type"]) for meta in stored.metas}
         assert outcomes == {("FAILURE", "TimeLimitExceeded")}, stored.metas
-        assert 1 <= len(stored.metas) <= 2, stored.metas
+        if pool == "asyncsql":
+            assert len(stored.metas) == 1, stored.metas  # the pool stores it once
+        else:
+            assert 1 <= len(stored.metas) <= 2, stored.metas
         assert stored_status(task_id) == "FAILURE"
 
 

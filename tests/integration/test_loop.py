@@ -73,9 +73,10 @@ def test_publishing_from_a_coroutine_keeps_a_siblings_timers_timely(worker_facto
             published = worker.send(tl.publish_many, 300, sink, 0.002).get(timeout=60)
             lag = probe.get(timeout=30)
             assert published["child"] == lag["child"]
-            # The first publish connects the producer: milliseconds, not a stall.
-            assert published["slowest_s"] < 0.2, published
-            assert lag["max_lag_s"] < 0.2, lag
+            # No stall of the loop: the first publish connects the producer in milliseconds;
+            # a second is a blocked loop (the speed itself is the benchmark's to measure).
+            assert published["slowest_s"] < 1, published
+            assert lag["max_lag_s"] < 1, lag
             assert broker.llen(sink) == 300
             assert WARNING not in worker.logs()
     finally:

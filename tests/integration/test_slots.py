@@ -41,6 +41,12 @@ def _reporting_children(worker) -> list[dict]:
     return [c for c in children if c["snapshot-age-s"] is not None]
 
 
+def in_flight(worker) -> int:
+    """Jobs the pool has handed its children, from ``inspect stats``."""
+    stats = worker.inspect().stats() or {}
+    return stats.get(worker.hostname, {}).get("pool", {}).get("asyncsql", {}).get("in-flight", 0)
+
+
 def most_at_once(intervals) -> int:
     """The largest number of ``(start, end)`` intervals that overlap at one moment."""
     edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals],
@@ -68,7 +74,9 @@ def test_slots_run_at_once_and_no_child_runs_more_than_its_slots(worker_factory,
         results = [worker.send(ts.span, 1) for _ in range(2 * slots)]
         done = [r.get(timeout=30) for r in results]
         elapsed = time.monotonic() - started
-        assert elapsed < 3.5, f"{2 * slots} one-second tasks on {slots} slots took {elapsed:.1f}s"
+        # Two rounds: about 2 s. Only a bound that no slot-starved run meets; the overlap of
+        # the tasks' own start and end stamps below is what shows the slots.
+        assert elapsed < 10, f"{2 * slots} one-second tasks on {slots} slots took {elapsed:.1f}s"
         assert {d["child"] for d in done} == set(children)
         for child in children:
             mine = [(d["start"], d["end"]) for d in done if d["child"] == child]
@@ -80,7 +88,7 @@ def test_no_task_waits_behind_a_busy_child_while_another_has_room(worker_factory
     with slot_worker(worker_factory, slots=4, processes=2) as worker:
         worker.wait_for_children(2)
         long = [worker.send(ts.span, 4) for _ in range(2)]
-        time.sleep(0.5)
+        eventually(lambda: in_flight(worker) == 2, 10, "both long tasks running")
         short = [worker.send(ts.span, 0.2) for _ in range(2)]
         ends = [r.get(timeout=30)["end"] for r in short]
         long_done = [r.get(timeout=30) for r in long]

@@ -2,10 +2,10 @@
 
 import pytest
 
-from celery_asyncpool.budget import Entry, connection_budget, over_max_connections, \
+from celery_asyncpool.databases.budget import Entry, connection_budget, over_max_connections, \
     result_backend_url
 from celery_asyncpool.config import Settings
-from celery_asyncpool.database import Sizing
+from celery_asyncpool.databases.engines import Sizing
 
 PG = "postgresql+psycopg://app:s3cret@db:5432/app"
 

@@ -151,8 +151,8 @@ def test_uvloop_asked_for_but_not_installed_names_the_extra(monkeypatch):
 
 @pytest.mark.parametrize("name,loop_module", [("asyncio", "asyncio"), ("uvloop", "uvloop")])
 def test_the_runtime_builds_the_loop_named(name, loop_module):
-    from celery_asyncpool.child import Runtime
-    from celery_asyncpool.database import Sizing
+    from celery_asyncpool.child.runtime import Runtime
+    from celery_asyncpool.databases.engines import Sizing
 
     settings = Settings.from_conf({"asyncsql_loop": name})
     runtime = Runtime(settings, Sizing(None, 1, 1), own_thread=False)

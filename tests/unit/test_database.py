@@ -3,7 +3,7 @@
 from sqlalchemy.pool import NullPool, StaticPool
 
 from celery_asyncpool.config import DatabaseSettings
-from celery_asyncpool.database import Sizing, connections_per_process, engine_options
+from celery_asyncpool.databases.engines import Sizing, connections_per_process, engine_options
 
 PG = "postgresql+asyncpg://postgres@127.0.0.1/test"
 
@@ -48,7 +48,7 @@ def test_options_sqlalchemy_rejects_fail_naming_the_database():
     import pytest
 
     from celery_asyncpool.config import Settings
-    from celery_asyncpool.database import check_engine_options
+    from celery_asyncpool.databases.engines import check_engine_options
     from celery_asyncpool.errors import ConfigurationError
 
     settings = Settings.from_conf({"asyncsql_database_url": PG,

@@ -8,7 +8,8 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from celery_asyncpool import leftovers
+from celery_asyncpool.child import leftovers
+from celery_asyncpool.databases.api import noted
 
 
 async def _in_watched_body(body):
@@ -71,10 +72,10 @@ def test_sessions_left_in_a_transaction_are_closed_and_their_connections_returne
 
         async def body():
             leaked = maker()
-            leftovers.track_session(leaked)
+            noted(leaked)
             await leaked.execute(text("SELECT 1"))
             async with maker() as closed:
-                leftovers.track_session(closed)
+                noted(closed)
                 await closed.execute(text("SELECT 1"))
 
         left = await _in_watched_body(body)

@@ -112,3 +112,33 @@ def test_a_celery_without_the_conf_command_fails_loudly(monkeypatch):
     monkeypatch.delitem(control.Panel.data, "conf")
     with pytest.raises(AsyncPoolError, match="no longer registers the `conf` inspect command"):
         registration._mask_inspect_replies()
+
+
+@pytest.mark.parametrize("path", [
+    "celery_asyncpool.pool:TaskPool",  # worker_pool = "celery_asyncpool.pool:TaskPool"
+    "celery_asyncpool.cli:asyncsql",  # the celery.commands entry point
+    "celery_asyncpool.retry:DATABASE_ERRORS",
+    *(f"celery_asyncpool:{name}" for name in celery_asyncpool.__all__),
+])
+def test_every_public_path_still_imports(path):
+    import importlib
+
+    module, name = path.split(":")
+    assert getattr(importlib.import_module(module), name) is not None
+
+
+def test_the_entry_points_name_what_the_package_ships():
+    from importlib.metadata import entry_points
+
+    found = {(ep.group, ep.name): ep.value for group in ("celery.commands", "pytest11")
+             for ep in entry_points(group=group) if ep.value.startswith("celery_asyncpool")}
+    assert found == {("celery.commands", "asyncsql"): "celery_asyncpool.cli:asyncsql",
+                     ("pytest11", "asyncsql"): "celery_asyncpool.pytest_plugin"}
+    import celery_asyncpool.pytest_plugin  # noqa: F401
+
+
+def test_the_pool_reports_the_path_users_configure():
+    from celery import Celery
+
+    pool = celery_asyncpool.TaskPool(2, app=Celery("paths", set_as_current=False))
+    assert pool.info["implementation"] == "celery_asyncpool.pool:TaskPool"

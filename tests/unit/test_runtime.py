@@ -14,10 +14,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import text
 
 from celery_asyncpool import BridgeError, engine, session
-from celery_asyncpool.child import Runtime
+from celery_asyncpool.child.runtime import Runtime
 from celery_asyncpool.config import Settings
 from celery_asyncpool.context import install
-from celery_asyncpool.database import Sizing
+from celery_asyncpool.databases.engines import Sizing
 from celery_asyncpool.errors import TaskCancelledError
 
 
@@ -189,3 +189,4 @@ def test_terminate_mid_coroutine_unwinds_it_and_leaves_the_loop_closable(child_r
     assert unwound == [True]
     child_runtime.stop()
     assert child_runtime.loop.is_closed()
+

@@ -9,10 +9,10 @@ from celery import Celery
 from sqlalchemy import text
 
 from celery_asyncpool import ConfigurationError, NoRuntimeError, engine, open_databases, session
-from celery_asyncpool import standalone
-from celery_asyncpool.child import Runtime
+from celery_asyncpool.databases import standalone
+from celery_asyncpool.child.runtime import Runtime
 from celery_asyncpool.config import Settings
-from celery_asyncpool.database import Sizing, registered
+from celery_asyncpool.databases.engines import Sizing, registered
 
 
 def _app(tmp_path, name="web", file="web.db"):

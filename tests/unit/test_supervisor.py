@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from celery_asyncpool import supervisor as sv
-from celery_asyncpool.protocol import HARD
+from celery_asyncpool.parent import supervisor as sv
+from celery_asyncpool.wire import HARD
 
 
 class _Driver:
@@ -30,9 +30,9 @@ def _target():
 
 @pytest.fixture
 def stuck(monkeypatch):
-    """A child running a cancelled job and one other, and the pids ``_kill`` was given."""
+    """A child running a cancelled job and one other, and the pids it killed."""
     killed = []
-    monkeypatch.setattr(sv, "_kill", killed.append)
+    monkeypatch.setattr(sv.ChildProcess, "kill", lambda child: killed.append(child.pid))
     supervisor = sv.Supervisor(processes=1, slots_per_child=2, limit=2, spawn=None,
                                driver=_Driver(), cancel_grace_s=1)
     read_fd, write_fd = os.pipe()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from celery_asyncpool.watchdog import Watchdog
+from celery_asyncpool.child.watchdog import Watchdog
 
 WARNING = "has not run for"
 
@@ -40,7 +40,7 @@ def test_a_blocked_loop_gets_one_warning_naming_the_task_and_the_blocking_line(c
         time.sleep(0.6)  # the blocking line
         await asyncio.sleep(0.1)  # the loop ticks again: the episode ends
 
-    caplog.set_level(logging.INFO, logger="celery_asyncpool.watchdog")
+    caplog.set_level(logging.INFO, logger="celery_asyncpool.child.watchdog")
     _run(0.1, blocker)
     [warning] = _warnings(caplog)
     assert "described the-blocker" in warning.message
@@ -55,7 +55,7 @@ def test_each_blocking_episode_gets_its_own_warning(caplog):
             time.sleep(0.4)
             await asyncio.sleep(0.1)
 
-    caplog.set_level(logging.WARNING, logger="celery_asyncpool.watchdog")
+    caplog.set_level(logging.WARNING, logger="celery_asyncpool.child.watchdog")
     _run(0.1, blocker)
     assert len(_warnings(caplog)) == 2
 
@@ -67,7 +67,7 @@ def test_an_idle_or_busy_but_yielding_loop_gets_no_warning(caplog):
             await asyncio.sleep(0)  # busy, but never longer than a step
         await asyncio.sleep(0.6)  # idle
 
-    caplog.set_level(logging.WARNING, logger="celery_asyncpool.watchdog")
+    caplog.set_level(logging.WARNING, logger="celery_asyncpool.child.watchdog")
     _run(0.1, yielding)
     assert _warnings(caplog) == []
 
@@ -92,7 +92,7 @@ def test_a_failing_description_does_not_kill_the_watchdog(caplog):
             time.sleep(0.4)
             await asyncio.sleep(0.1)
 
-    caplog.set_level(logging.ERROR, logger="celery_asyncpool.watchdog")
+    caplog.set_level(logging.ERROR, logger="celery_asyncpool.child.watchdog")
     _run(0.1, blocker, describe=broken)
     failures = [r for r in caplog.records if "failed to check" in r.message]
     assert len(failures) == 2

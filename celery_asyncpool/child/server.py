@@ -1,15 +1,15 @@
-"""A slot-aware child: runs the jobs its parent sends, many at once, on one event loop.
+"""The job server: runs the jobs the parent sends, many at once, on the child's loop.
 
-``child_main`` is the child process's entry point. The parent (``supervisor``)
-sends JOB, CANCEL and STOP down one pipe; the child answers with UP, ACK,
-READY, DRAINING, STATS and BYE up the other (``protocol``).
+The parent (``parent.supervisor``) sends JOB, CANCEL and STOP down one pipe;
+the server answers with ACK, READY, DRAINING and STATS up the other
+(``wire``; ``process`` sends UP and BYE around it).
 
 An async job's tracer runs in a greenlet on the loop thread and its body as a
-Task of its own (``greenlets``), so a CANCEL hits that one body. Sync jobs run
-one at a time on a thread of their own, never on the loop; of the CANCEL
-reasons only the soft time limit reaches them. While jobs are served, a
-``watchdog`` thread warns when the loop stops running, naming the job whose
-Task blocks it.
+Task of its own (``tracer``), so a CANCEL hits that one body. Sync jobs run
+one at a time on a thread of their own (``sync_thread``), never on the loop;
+of the CANCEL reasons only the soft time limit reaches them. While jobs are
+served, a ``watchdog`` thread warns when the loop stops running, naming the
+job whose Task blocks it.
 
 Invariants: every job read from the pipe is run and gets one READY, a job
 read after DRAINING or STOP too; its ACK comes first, when it starts; the
@@ -19,84 +19,29 @@ serve loop ends only when no job is in flight.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import ctypes
 import functools
 import logging
 import os
-import sys
-import threading
+import resource
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from billiard.compat import mem_rss
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
-from billiard.pool import MaybeEncodingError
-from celery.concurrency import prefork
-from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.serialization import UnpickleableExceptionWrapper
 
-from . import greenlets, leftovers, protocol
-from .child import Runtime
-from .config import Settings
-from .database import Sizing, dispose_inherited_engines, forget_inherited_loops
-from .errors import ChildStartError
-from .protocol import ACK, BYE, CANCEL, CANCEL_REASONS, DRAINING, JOB, READY, SOFT, STATS, \
-    STATS_INTERVAL_S, STOP, UP, task_label
-from .task import install_bridges
+from .. import _compat, wire
+from ..wire import ACK, CANCEL, CANCEL_MESSAGES, CANCEL_REASONS, DRAINING, JOB, READY, SOFT, \
+    STATS, STATS_INTERVAL_S, STOP, task_label
+from . import tracer as tracers
+from .sync_thread import Outcome, SyncThread
 from .watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from celery import Celery
+    from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-RESTART_DELAY_S = 1.0  # the parent replaces a failed child at once: no hot restart loop
-START_FAILED_EXITCODE = 3
-
-# What Celery's tracer returns: (0, repr of the result, runtime) or (1, einfo, runtime).
-Outcome = Any
-
-
-def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: int,
-               report_fd: int, max_tasks: int | None, max_memory_kb: int | None) -> None:
-    """Set up this freshly forked child, serve jobs until told to stop, tear down, say BYE.
-
-    Returns once BYE is sent; the caller then exits the process (with 0).
-
-    Raises:
-        SystemExit: ``START_FAILED_EXITCODE``, ``RESTART_DELAY_S`` after an
-            ``on_child_start`` hook failed; no UP was sent.
-    """
-    dispose_inherited_engines()
-    forget_inherited_loops()
-    settings = Settings.from_conf(app.conf)
-    if settings.switch_interval_s is not None:
-        # Before worker_process_init, whose handlers may set their own.
-        sys.setswitchinterval(settings.switch_interval_s)
-    runtime = Runtime(settings, Sizing(slots, processes, settings.connection_cap),
-                      own_thread=False)
-    prefork.process_initializer(app, hostname)
-    async_tasks = install_bridges(app, runtime, hostname)
-    try:
-        runtime.open()
-    except ChildStartError:
-        runtime.stop(run_hooks=False)
-        time.sleep(RESTART_DELAY_S)
-        raise SystemExit(START_FAILED_EXITCODE) from None
-    leftovers.install_task_factory(runtime.loop)  # on top of one a start hook set
-    reports = ReportPipe(report_fd)
-    reports.send((UP, os.getpid()))
-    server = JobServer(runtime, async_tasks, slots, job_fd, reports,
-                       max_tasks=max_tasks, max_memory_kb=max_memory_kb)
-    try:
-        runtime.loop.run_until_complete(server.serve())
-    finally:
-        runtime.stop()
-        prefork.process_destructor(os.getpid(), 0)
-    reports.send((BYE,))
 
 
 class ReportPipe:
@@ -107,20 +52,20 @@ class ReportPipe:
         self.broken = False
 
     def send(self, message: tuple[Any, ...]) -> None:
-        self.write(protocol.encode(message))
+        self.write(wire.encode(message))
 
     def write(self, data: bytes) -> None:
         if self.broken:
             return
         try:
-            protocol.write_all(self.fd, data)
+            wire.write_all(self.fd, data)
         except OSError as exc:
             self.broken = True
             logger.warning("The report pipe to the parent is broken (%s): this child finishes "
                            "its jobs without reporting them, then exits.", exc)
 
 
-class _Job:
+class RunningJob:
     """One job read from the pipe: its tracer call, and for an async task the tracer greenlet."""
 
     __slots__ = ("call", "id", "runner", "tracer")
@@ -128,7 +73,7 @@ class _Job:
     def __init__(self, job_id: int, call: functools.partial[Outcome], is_async: bool) -> None:
         self.id = job_id
         self.call = call
-        self.tracer = greenlets.Tracer(call) if is_async else None
+        self.tracer = tracers.Tracer(call) if is_async else None
         self.runner: asyncio.Task[None] | None = None  # held: the loop keeps Tasks weakly
 
 
@@ -151,9 +96,9 @@ class JobServer:
         self._max_tasks = max_tasks
         self._max_memory_kb = max_memory_kb
         self._pid = os.getpid()
-        self._decoder = protocol.Decoder()
-        self._jobs: dict[int, _Job] = {}
-        self._sync = _SyncThread()
+        self._decoder = wire.Decoder()
+        self._jobs: dict[int, RunningJob] = {}
+        self._sync = SyncThread()
         self._finished = 0
         self._leaving: str | None = None
         self._idle = asyncio.Event()
@@ -207,7 +152,7 @@ class JobServer:
     # --- messages from the parent ---------------------------------------------------------
 
     def _read_jobs(self) -> None:
-        messages = protocol.read_available(self._job_fd, self._decoder)
+        messages = wire.read_available(self._job_fd, self._decoder)
         if messages is None:
             self._loop.remove_reader(self._job_fd)
             self._leave("the parent closed the job pipe")
@@ -231,7 +176,7 @@ class JobServer:
                            "running it anyway. The parent must send at most %d at once.",
                            job_id, self._slots, self._slots)
         is_async = bool(args) and args[0] in self._async_tasks  # args[0]: the task's name
-        job = _Job(job_id, functools.partial(target, *args, **kwargs), is_async)
+        job = RunningJob(job_id, functools.partial(target, *args, **kwargs), is_async)
         self._jobs[job_id] = job
         if is_async:
             self._ack(job_id, time.monotonic())
@@ -253,7 +198,7 @@ class JobServer:
             logger.debug("Sync job %s cannot be cancelled (%s) while it runs or waits here; "
                          "the parent kills this child if it must.", job_id, reason)
 
-    def _warn_if_swallowed(self, job: _Job, reason: str) -> None:
+    def _warn_if_swallowed(self, job: RunningJob, reason: str) -> None:
         """Name a body still running ``asyncsql_cancel_grace_s`` after it was cancelled.
 
         This runs on the loop, so the loop runs: the body caught the
@@ -268,14 +213,14 @@ class JobServer:
                 "re-raise CancelledError after any clean-up). This child takes no new jobs "
                 "and is replaced once its other jobs are done.",
                 task_label(job.call.args), self._runtime.settings.cancel_grace_s,
-                greenlets.CANCEL_MESSAGES[reason])
+                CANCEL_MESSAGES[reason])
 
     # --- running a job --------------------------------------------------------------------
 
-    async def _run(self, job: _Job) -> None:
+    async def _run(self, job: RunningJob) -> None:
         try:
             if job.tracer is not None:
-                outcome = await greenlets.drive(job.tracer, self._runtime.settings.cancel_grace_s)
+                outcome = await tracers.drive(job.tracer, self._runtime.settings.cancel_grace_s)
             else:
                 outcome = await self._sync.run(job.id, job.call, self._ack_from_thread)
         except BaseException as exc:  # past Celery's tracer, which reports the task's own errors
@@ -293,7 +238,7 @@ class JobServer:
     def _ack_from_thread(self, job_id: int, started: float) -> None:
         self._loop.call_soon_threadsafe(self._ack, job_id, started)  # reports go from the loop
 
-    def _finish(self, job: _Job, outcome: Outcome) -> None:
+    def _finish(self, job: RunningJob, outcome: Outcome) -> None:
         del self._jobs[job.id]
         self._finished += 1
         if self._leaving is None:
@@ -307,11 +252,12 @@ class JobServer:
 
     def _ready(self, job_id: int, outcome: Outcome) -> None:
         try:
-            data = protocol.encode((READY, job_id, outcome))
+            data = wire.encode((READY, job_id, outcome))
         except Exception as exc:
             logger.error("The outcome of job %s cannot be pickled for the parent (%r): "
                          "reporting the job as failed.", job_id, exc)
-            data = protocol.encode((READY, job_id, _failure(MaybeEncodingError(exc, outcome))))
+            error = _compat.maybe_encoding_error(exc, outcome)
+            data = wire.encode((READY, job_id, _failure(error)))
         self._write(data)
 
     # --- leaving --------------------------------------------------------------------------
@@ -347,7 +293,7 @@ class JobServer:
             self._send((STATS, self.snapshot()))
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        self._write(protocol.encode(message))
+        self._write(wire.encode(message))
 
     def _write(self, data: bytes) -> None:
         self._reports.write(data)
@@ -355,61 +301,7 @@ class JobServer:
             self._leave("the parent closed the report pipe")
 
 
-class _SyncThread:
-    """Runs sync jobs one at a time on a thread of its own, never on the loop.
-
-    A soft time limit is raised there as ``SoftTimeLimitExceeded`` between two
-    Python instructions: a blocking call (``time.sleep``, a socket read)
-    delays it until the call returns.
-    """
-
-    def __init__(self) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="asyncsql-sync")
-        self._lock = threading.Lock()
-        self._running: tuple[int, int] | None = None  # (job id, thread id)
-
-    async def run(self, job_id: int, call: Callable[[], Outcome],
-                  on_start: Callable[[int, float], object]) -> Outcome:
-        """Run ``call`` there once the jobs before it are done, calling ``on_start`` first.
-
-        ``on_start(job_id, time.monotonic())`` is called on that thread.
-        """
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._call, job_id, call, on_start)
-
-    def _call(self, job_id: int, call: Callable[[], Outcome],
-              on_start: Callable[[int, float], object]) -> Outcome:
-        thread_id = threading.get_ident()
-        with self._lock:
-            self._running = (job_id, thread_id)
-        try:
-            on_start(job_id, time.monotonic())
-            return call()
-        finally:
-            with self._lock:
-                self._running = None
-                _set_async_exc(thread_id, None)  # a soft limit that came after the tracer returned
-
-    def interrupt(self, job_id: int) -> bool:
-        """Raise ``SoftTimeLimitExceeded`` in job ``job_id`` if it runs now; whether it does."""
-        with self._lock:
-            if self._running is None or self._running[0] != job_id:
-                return False
-            _set_async_exc(self._running[1], SoftTimeLimitExceeded)
-            return True
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> None:
-    """Raise ``exc_type`` in thread ``thread_id`` at its next instruction; None cancels that."""
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), None if exc_type is None else ctypes.py_object(exc_type))
-
-
-def _hint_unpicklable(job: _Job, einfo: Any) -> None:
+def _hint_unpicklable(job: RunningJob, einfo: Any) -> None:
     """Say what to fix when Celery's tracer stored a task's exception in its pickleable wrapper."""
     wrapper = getattr(einfo, "exception", None)
     if isinstance(wrapper, UnpickleableExceptionWrapper):
@@ -417,7 +309,8 @@ def _hint_unpicklable(job: _Job, einfo: Any) -> None:
             "Task %s raised %s.%s, an exception that cannot be pickled: it is stored as "
             "UnpickleableExceptionWrapper (%s), as on prefork. Make it picklable: pass every "
             "argument of its __init__ on to super().__init__(), or give it a __reduce__.",
-            task_label(job.call.args), wrapper.exc_module, wrapper.exc_cls_name, wrapper.text)
+            task_label(job.call.args), wrapper.exc_module, wrapper.exc_cls_name,
+            getattr(wrapper, "text", ""))
 
 
 def _failure(exc: BaseException) -> tuple[int, ExceptionInfo, float]:
@@ -455,5 +348,5 @@ def _rss_kb() -> int:
         with open("/proc/self/statm", "rb") as statm:
             pages = int(statm.read().split()[1])
     except OSError:
-        return int(mem_rss())
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak, where no /proc
     return pages * os.sysconf("SC_PAGE_SIZE") // 1024

@@ -2,10 +2,10 @@
 
 Invariants: the loop is created before any user code in the process can bind
 to it and is never replaced; coroutines reach it only through ``Runtime.run``
-(or, in a slot-aware child, through the job server that drives it: ``jobs``);
+(or, in a slot-aware child, through the job server that drives it: ``server``);
 it is stopped once, by ``Runtime.stop``, after its engines are disposed on it.
 
-A worker child drives its loop from its main thread (``jobs`` serves the
+A worker child drives its loop from its main thread (``server`` serves the
 parent's jobs there), so an async task costs no hop between threads: measured
 on 2 vCPUs, a round trip to a loop on another thread cost about 150 us of
 CPU, 7% of a no-op task. Eager mode keeps the loop on a thread of its own,
@@ -23,21 +23,22 @@ from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from . import hooks
-from .config import Settings, new_event_loop
-from .context import caller_context
-from .database import Databases, Sizing
-from .errors import BridgeError, TaskCancelledError
+from .. import _compat, hooks
+from ..config import Settings, new_event_loop
+from ..context import caller_context
+from ..databases.engines import Databases, Sizing
+from ..errors import BridgeError, TaskCancelledError
+from ..wire import CANCEL_MESSAGES, SOFT
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SOFT_LIMIT_MESSAGE = "celery_asyncpool: soft time limit exceeded"
+SOFT_LIMIT_MESSAGE = CANCEL_MESSAGES[SOFT]
 
 
-class _Job:
-    """One coroutine handed to the loop, and the future its caller waits on."""
+class _Handoff:
+    """One coroutine handed to the loop from another thread, and the future that thread waits on."""
 
     __slots__ = ("coro", "done", "loop", "task")
 
@@ -87,7 +88,7 @@ class Runtime:
 
     def on_loop_thread(self) -> bool:
         """Whether the calling thread is inside the loop, where it must ``await`` instead."""
-        return asyncio.events._get_running_loop() is self.loop
+        return _compat.running_loop() is self.loop
 
     def start(self, *, run_hooks: bool = True) -> None:
         """Start the loop, then open it: see ``start_loop`` and ``open``."""
@@ -165,7 +166,7 @@ class Runtime:
                 "event loop it would need: await the coroutine instead.")
         if self._thread is None and not self.loop.is_running():
             return self._run_here(coro)
-        job = _Job(coro, self.loop)
+        job = _Handoff(coro, self.loop)
         self.loop.call_soon_threadsafe(job.start, context=caller_context())
         try:
             error = job.done.exception()
@@ -177,7 +178,7 @@ class Runtime:
             ) from error
         return job.done.result()  # type: ignore[no-any-return]
 
-    def _interrupted(self, job: _Job, interrupt: BaseException) -> Any:
+    def _interrupted(self, job: _Handoff, interrupt: BaseException) -> Any:
         """Cancel the coroutine because the waiting thread was interrupted, and settle.
 
         For a soft time limit the coroutine may handle the ``CancelledError``:

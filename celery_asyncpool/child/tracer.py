@@ -1,8 +1,8 @@
 """Celery's tracer in a greenlet on the loop thread, and its wait for a coroutine task body.
 
-A slot-aware child (``jobs``) runs each async job's tracer in a ``Tracer``
+A slot-aware child (``server``) runs each async job's tracer in a ``Tracer``
 greenlet on the loop's own thread: no hop between threads per task. When the
-tracer calls the task body, the bridge (``task._bridge``) calls
+tracer calls the task body, the bridge (``bridge._bridge``) calls
 ``await_body``, which switches back to ``drive``; ``drive`` runs the coroutine
 as an asyncio Task of its own and switches back with its result or exception.
 Cancelling that Task (time limit, revoke, shutdown) hits the body alone, never
@@ -23,20 +23,12 @@ from typing import Any, TypeVar
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from greenlet import getcurrent, greenlet  # type: ignore[import-untyped]
 
+from ..context import caller_context
+from ..errors import TaskCancelledError
+from ..wire import CANCEL_MESSAGES, HARD, REVOKE, SHUTDOWN, SOFT, task_label
 from . import leftovers
-from .child import SOFT_LIMIT_MESSAGE
-from .context import caller_context
-from .errors import TaskCancelledError
-from .protocol import HARD, REVOKE, SHUTDOWN, SOFT, task_label
 
 T = TypeVar("T")
-
-CANCEL_MESSAGES = {
-    SOFT: SOFT_LIMIT_MESSAGE,
-    HARD: "celery_asyncpool: hard time limit exceeded",
-    REVOKE: "celery_asyncpool: revoked",
-    SHUTDOWN: "celery_asyncpool: worker shutdown",
-}
 
 
 class Tracer(greenlet):  # type: ignore[misc]

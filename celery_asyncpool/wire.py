@@ -1,4 +1,4 @@
-"""The messages between the pool's parent and its children, and how they cross a pipe.
+"""The messages between the pool's parent and its children, and the pipes they cross.
 
 Each child has two pipes of its own, made by its parent before the child is
 started: jobs go down one, reports come up the other. Nothing else can write
@@ -37,6 +37,8 @@ import pickle
 import struct
 from typing import Any
 
+from . import _compat
+
 JOB = "job"
 CANCEL = "cancel"
 STOP = "stop"
@@ -54,6 +56,13 @@ HARD = "hard"
 REVOKE = "revoke"
 SHUTDOWN = "shutdown"
 CANCEL_REASONS = (SOFT, HARD, REVOKE, SHUTDOWN)
+# The message of the ``CancelledError`` a task body sees, by reason.
+CANCEL_MESSAGES = {
+    SOFT: "celery_asyncpool: soft time limit exceeded",
+    HARD: "celery_asyncpool: hard time limit exceeded",
+    REVOKE: "celery_asyncpool: revoked",
+    SHUTDOWN: "celery_asyncpool: worker shutdown",
+}
 
 _HEADER = struct.Struct("!I")
 _PIPE_SIZE = 1 << 20
@@ -141,3 +150,22 @@ def make_pipe() -> tuple[int, int]:
     except (ImportError, OSError):
         pass
     return read_fd, write_fd
+
+
+class PipeEnd:
+    """A child's end of a pipe: as is across fork; duplicated into a spawned child.
+
+    A spawned child starts with only the descriptors billiard passes it, so
+    pickling this for a spawn (billiard's ``DupFd``, only valid then) asks
+    billiard to pass this one.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        return _received_pipe_end, (_compat.dup_fd_for_spawn(self.fd),)
+
+
+def _received_pipe_end(dup: Any) -> PipeEnd:
+    return PipeEnd(dup.detach())

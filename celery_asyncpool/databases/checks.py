@@ -1,16 +1,17 @@
-"""What ``celery asyncsql check`` verifies: settings, budget, and each database as a child sees it."""
+"""What ``celery asyncsql check`` verifies: settings, budget, each database as a child sees it."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
+from ..config import Settings, new_event_loop
+from ..errors import ConfigurationError
 from .budget import RESULT_BACKEND, Entry, connection_budget, over_max_connections, server_of
-from .child import Runtime
-from .config import Settings
-from .database import Sizing, check_engine_options, connections_per_process, engine_options
-from .errors import ConfigurationError
+from .engines import Databases, Sizing, check_engine_options, connections_per_process, \
+    engine_options
 
 
 def run_check(app: Any, slots: int, *, echo: Callable[[str], Any]) -> list[str]:
@@ -61,24 +62,43 @@ def startup_warnings(settings: Settings, sizing: Sizing,
 def _probe(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...],
            echo: Callable[[str], Any], timeout_s: float | None = None) -> list[str]:
     """Connect to each of our databases; its server's ``max_connections`` bounds the budget
-    of every database on that server, the result backend's too."""
-    runtime = Runtime(settings, sizing, name="asyncsql-check")
+    of every database on that server, the result backend's too.
+
+    On a loop of its own, on a thread of its own: the caller may be running a loop.
+    """
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="asyncsql-check") as thread:
+        return thread.submit(_probe_on_new_loop, settings, sizing, budget, echo,
+                             timeout_s).result()
+
+
+def _probe_on_new_loop(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...],
+                       echo: Callable[[str], Any], timeout_s: float | None) -> list[str]:
+    loop = new_event_loop(settings.loop)
+    try:
+        return loop.run_until_complete(_probe_all(settings, sizing, budget, echo, timeout_s))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _probe_all(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...],
+                     echo: Callable[[str], Any], timeout_s: float | None) -> list[str]:
+    try:
+        databases = Databases(settings, sizing)
+    except Exception as exc:
+        return [f"Building the engines failed: {exc}"]
     problems: list[str] = []
     limits: dict[str, int] = {}
     try:
-        runtime.start(run_hooks=False)
-    except Exception as exc:
-        return [f"Building the engines failed: {exc}"]
-    try:
         for database in settings.databases:
-            probe = _probe_one(runtime, database.name, echo)
-            reached = runtime.run(_within(probe, timeout_s, database.name))
+            probe = _probe_one(databases, database.name, echo)
+            reached = await _within(probe, timeout_s, database.name)
             if isinstance(reached, int):
                 limits[server_of(database.url)] = reached
             elif isinstance(reached, str):
                 problems.append(reached)
     finally:
-        runtime.stop(run_hooks=False)
+        await databases.aclose()
     return problems + over_max_connections(budget, limits)
 
 
@@ -90,12 +110,12 @@ async def _within(probe: Any, timeout_s: float | None, name: str) -> int | str |
         return f"Database {name!r} did not answer within {timeout_s}s."
 
 
-async def _probe_one(runtime: Runtime, name: str, echo: Callable[[str], Any]) -> int | str | None:
+async def _probe_one(databases: Databases, name: str,
+                     echo: Callable[[str], Any]) -> int | str | None:
     """The server's ``max_connections`` (None where unknown), or why it cannot be reached."""
     from sqlalchemy import text
 
-    assert runtime.databases is not None
-    built = runtime.databases.engine(name)
+    built = databases.engine(name)
     try:
         async with built.connect() as connection:
             await connection.execute(text("SELECT 1"))

@@ -144,9 +144,11 @@ class LoopDriver:
             if not timer.cancelled:
                 timer.callback(*timer.args)
 
-    def start_thread(self) -> None:
+    def start_thread(self, tick_s: float = 0.5) -> None:
+        """Serve on a thread of its own until ``stop_thread``, waking at least every ``tick_s``."""
         self._thread = threading.Thread(target=self.run_until, args=(lambda: self._stopping,),
-                                        name="asyncsql-supervisor", daemon=True)
+                                        kwargs={"tick_s": tick_s}, name="asyncsql-supervisor",
+                                        daemon=True)
         self._thread.start()
 
     def stop_thread(self) -> None:

@@ -1,10 +1,10 @@
 """What a task body leaves behind when it returns: asyncio Tasks still pending, sessions open.
 
 Each async job's body runs as an asyncio Task in a context of its own
-(``greenlets.drive``); ``watch`` puts a ``Leftovers`` in that context. From
+(``tracer.drive``); ``watch`` puts a ``Leftovers`` in that context. From
 then on, the child loop's task factory (``install_task_factory``) adds every
 Task the body (or a Task it started) creates, until the Task is done, and
-``database.session`` adds every session it opens. When the body is done,
+``session()`` notes every session it opens (``databases.api.note_sessions``). When the body is done,
 ``clean_up`` settles what is left, naming the job:
 
 - Tasks still pending are cancelled, as ``asyncio.run()`` cancels them when
@@ -27,6 +27,8 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from ..databases.api import note_sessions
+
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -45,19 +47,16 @@ class Leftovers:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.sessions: list[AsyncSession] = []  # closed ones too: no hook sees a close
 
+    def _enter(self) -> None:
+        _current.set(self)
+        note_sessions(self.sessions)
+
 
 def watch(context: contextvars.Context) -> Leftovers:
     """Collect what code running in ``context`` starts and opens, from now on."""
     leftovers = Leftovers()
-    context.run(_current.set, leftovers)
+    context.run(leftovers._enter)
     return leftovers
-
-
-def track_session(session: AsyncSession) -> None:
-    """Note ``session`` as opened by the task body running now, if any."""
-    leftovers = _current.get()
-    if leftovers is not None:
-        leftovers.sessions.append(session)
 
 
 def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
@@ -81,7 +80,8 @@ def install_task_factory(loop: asyncio.AbstractEventLoop) -> None:
             task.add_done_callback(leftovers.tasks.discard)
         return task
 
-    loop.set_task_factory(factory)  # type: ignore[arg-type]  # typeshed lacks ``context``
+    # typeshed before 3.13 lacks the ``context`` argument.
+    loop.set_task_factory(factory)  # type: ignore[arg-type, unused-ignore]
 
 
 async def clean_up(leftovers: Leftovers, label: str, grace_s: float, *,

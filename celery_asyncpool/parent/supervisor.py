@@ -8,24 +8,31 @@ the connection budget is never exceeded.
 
 All of it runs on one thread: the worker's kombu hub, or, for a transport
 without one, the supervisor's own thread (``driver.LoopDriver``), with a lock
-around what the consumer's thread calls.
+around what the consumer's thread calls. Every entry point is marked
+``@_entry``, so ``busy_here()`` tells a signal handler (Celery's cold
+shutdown) that it interrupted the supervisor mid-step.
+
+``tests/unit/test_supervisor_states.py`` drives it as a state machine and
+checks these invariants after every step.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import Terminated, WorkerLostError
 
-from . import protocol
-from .protocol import ACK, BYE, CANCEL, DRAINING, HARD, JOB, READY, REVOKE, SHUTDOWN, SOFT, \
+from .. import wire
+from ..wire import ACK, BYE, CANCEL, DRAINING, HARD, JOB, READY, REVOKE, SHUTDOWN, SOFT, \
     STATS, STATS_INTERVAL_S, STOP, UP, task_label
 
 logger = logging.getLogger(__name__)
@@ -34,6 +41,19 @@ logger = logging.getLogger(__name__)
 LOOP_SILENT_S = 3 * STATS_INTERVAL_S
 
 Callback = Callable[..., Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _entry(method: F) -> F:
+    """Mark a way in from the hub or the consumer, for ``Supervisor.busy_here``."""
+    @functools.wraps(method)
+    def entered(self: Supervisor, *args: Any, **kwargs: Any) -> Any:
+        self._depth.value = getattr(self._depth, "value", 0) + 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._depth.value -= 1
+    return entered  # type: ignore[return-value]
 
 
 class Job:
@@ -47,7 +67,7 @@ class Job:
                  args: Any, kwargs: Any, options: dict[str, Any]) -> None:
         self.supervisor = supervisor
         self.id = job_id
-        self.message = protocol.encode((JOB, job_id, target, tuple(args), dict(kwargs)))
+        self.message = wire.encode((JOB, job_id, target, tuple(args), dict(kwargs)))
         self.callback: Callback | None = options.get("callback")
         self.error_callback: Callback | None = options.get("error_callback")
         self.accept_callback: Callback | None = options.get("accept_callback")
@@ -120,7 +140,7 @@ class ChildProcess:
         self.report_fd = report_fd
         self.slots = slots
         self.jobs: dict[int, Job] = {}
-        self.decoder = protocol.Decoder()
+        self.decoder = wire.Decoder()
         self.outbox = bytearray()
         self.up = False
         self.draining = False
@@ -133,18 +153,28 @@ class ChildProcess:
     def free_slots(self) -> int:
         return 0 if not self.up or self.draining or self.gone else self.slots - len(self.jobs)
 
+    def kill(self) -> None:
+        """SIGKILL the child; its exit is then seen through its sentinel."""
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
 
 class Supervisor:
     """Starts children, dispatches jobs to the least-loaded one, settles each job once.
 
     ``spawn(index)`` makes a child process and returns ``(process, job_fd,
     report_fd)``; ``driver`` gives readers, writers and timers (the hub's, or
-    a thread's).
+    a thread's); ``clock`` is ``time.monotonic`` but in the state-machine test.
     """
+
+    child_class = ChildProcess
 
     def __init__(self, *, processes: int, slots_per_child: int, limit: int,
                  spawn: Callable[[int], tuple[Any, int, int]], driver: Any,
-                 cancel_grace_s: float, semaphore: Any = None) -> None:
+                 cancel_grace_s: float, semaphore: Any = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.processes = processes
         self.slots_per_child = slots_per_child
         self.limit = limit
@@ -158,6 +188,12 @@ class Supervisor:
         self.accepting = True
         self.respawn = True
         self.cold = False
+        self.clock = clock
+        self._depth = threading.local()
+
+    def busy_here(self) -> bool:
+        """Whether this thread is inside the supervisor (a signal handler interrupted it)."""
+        return bool(getattr(self._depth, "value", 0))
 
     # --- children -------------------------------------------------------------------------
 
@@ -169,12 +205,13 @@ class Supervisor:
         process, job_fd, report_fd = self._spawn(index)
         os.set_blocking(job_fd, False)
         os.set_blocking(report_fd, False)
-        child = ChildProcess(index, process, job_fd, report_fd, self.slots_per_child)
+        child = self.child_class(index, process, job_fd, report_fd, self.slots_per_child)
         self.children[child.pid] = child
         self._watch(child)
 
+    @_entry
     def _on_reports(self, child: ChildProcess) -> None:
-        messages = protocol.read_available(child.report_fd, child.decoder)
+        messages = wire.read_available(child.report_fd, child.decoder)
         if messages is None:
             self.driver.remove_reader(child.report_fd)
             return
@@ -191,13 +228,14 @@ class Supervisor:
             child.up = True
             self.dispatch()
         elif kind == STATS:
-            child.stats, child.stats_at = message[1], time.monotonic()
+            child.stats, child.stats_at = message[1], self.clock()
         elif kind == DRAINING:
             logger.info("asyncsql child %s drains and will be replaced: %s", child.pid, message[1])
             child.draining = True
         elif kind == BYE:
             child.draining = True
 
+    @_entry
     def _on_exit(self, child: ChildProcess) -> None:
         """Fail the child's started jobs, re-dispatch the rest, and replace it."""
         self.driver.remove_reader(child.process.sentinel)
@@ -229,6 +267,7 @@ class Supervisor:
 
     # --- jobs -----------------------------------------------------------------------------
 
+    @_entry
     def apply(self, target: Callback, args: Any, kwargs: Any, options: dict[str, Any]) -> Job:
         self._next_job_id += 1
         job = Job(self, self._next_job_id, target, args, kwargs, options)
@@ -239,6 +278,7 @@ class Supervisor:
     def in_flight(self) -> int:
         return sum(len(child.jobs) for child in self.children.values())
 
+    @_entry
     def dispatch(self) -> None:
         """Send waiting jobs to the least-loaded children with free slots, within ``limit``."""
         room = self.limit - self.in_flight()
@@ -256,15 +296,16 @@ class Supervisor:
         if child.outbox:
             child.outbox += data
             return
-        written = protocol.write_some(child.job_fd, data)
+        written = wire.write_some(child.job_fd, data)
         if written < 0:
             return  # the child is gone; its exit settles its jobs
         if written < len(data):
             child.outbox += data[written:]
             self.driver.add_writer(child.job_fd, self._flush, child)
 
+    @_entry
     def _flush(self, child: ChildProcess) -> None:
-        written = protocol.write_some(child.job_fd, bytes(child.outbox))
+        written = wire.write_some(child.job_fd, bytes(child.outbox))
         if written > 0:
             del child.outbox[:written]
         if not child.outbox or written < 0:
@@ -276,7 +317,7 @@ class Supervisor:
         if job is None or job.settled:
             return
         job.accepted = True
-        now = time.monotonic()
+        now = self.clock()
         if job.soft_timeout:
             self._arm(job, now + job.soft_timeout, self._on_soft_limit)
         if job.timeout:
@@ -289,7 +330,7 @@ class Supervisor:
 
     def _arm(self, job: Job, when: float, action: Callback) -> None:
         job.deadlines.append((when, action))
-        job.timers.append(self.driver.call_later(max(0.0, when - time.monotonic()), action, job))
+        job.timers.append(self.driver.call_later(max(0.0, when - self.clock()), action, job))
 
     def _on_ready(self, child: ChildProcess, job_id: int, outcome: Any) -> None:
         job = child.jobs.pop(job_id, None)
@@ -310,8 +351,9 @@ class Supervisor:
 
     def _cancel(self, job: Job, reason: str) -> None:
         if job.child is not None and not job.child.gone:
-            self._send(job.child, protocol.encode((CANCEL, job.id, reason)))
+            self._send(job.child, wire.encode((CANCEL, job.id, reason)))
 
+    @_entry
     def _on_soft_limit(self, job: Job) -> None:
         if job.settled or job.child is None:
             return
@@ -319,6 +361,7 @@ class Supervisor:
         if job.timeout_callback is not None:
             job.timeout_callback(soft=True, timeout=job.soft_timeout)
 
+    @_entry
     def _on_hard_limit(self, job: Job) -> None:
         """Store ``TimeLimitExceeded`` now, as prefork does, and cancel the coroutine."""
         if job.settled or job.child is None:
@@ -330,6 +373,7 @@ class Supervisor:
             job.timeout_callback(soft=False, timeout=job.timeout)
         self._cancel_or_kill(job, HARD)
 
+    @_entry
     def revoke(self, job: Job, signum: int) -> None:
         """``revoke(terminate=True)``: cancel this job alone, whatever the signal.
 
@@ -353,8 +397,9 @@ class Supervisor:
         assert child is not None
         self._cancel(job, reason)
         self.driver.call_later(self.cancel_grace_s, self._check_cancelled, child, job,
-                               reason, time.monotonic())
+                               reason, self.clock())
 
+    @_entry
     def _check_cancelled(self, child: ChildProcess, job: Job, reason: str,
                          cancelled_at: float) -> None:
         """Deal with a job that still runs ``cancel_grace_s`` after it was cancelled.
@@ -368,13 +413,13 @@ class Supervisor:
         if child.gone or child.jobs.get(job.id) is not job:
             return
         label = task_label(job.task)
-        silent_s = time.monotonic() - max(child.stats_at or 0.0, cancelled_at)
+        silent_s = self.clock() - max(child.stats_at or 0.0, cancelled_at)
         if silent_s > LOOP_SILENT_S:
             logger.error("asyncsql child %s still runs task %s %.1fs after it was cancelled "
                          "(%s), and its event loop has not run for %.1fs: the task blocks the "
                          "loop (await instead of blocking); killing the child.",
-                         child.pid, label, time.monotonic() - cancelled_at, reason, silent_s)
-            _kill(child.pid)
+                         child.pid, label, self.clock() - cancelled_at, reason, silent_s)
+            child.kill()
             return
         if not child.stuck and (child.stats_at or 0.0) > cancelled_at:
             child.stuck = child.draining = True
@@ -392,9 +437,10 @@ class Supervisor:
         """Kill a stuck child once every job left in it was settled here; whether it was."""
         if any(not job.settled for job in child.jobs.values()):
             return False
-        _kill(child.pid)
+        child.kill()
         return True
 
+    @_entry
     def watch(self) -> None:
         """Register every child's report pipe, sentinel and pending writes with the driver.
 
@@ -436,8 +482,8 @@ class Supervisor:
         for child in list(self.children.values()):
             if cancel:
                 for job in child.jobs.values():
-                    self._send(child, protocol.encode((CANCEL, job.id, SHUTDOWN)))
-            self._send(child, protocol.encode((STOP,)))
+                    self._send(child, wire.encode((CANCEL, job.id, SHUTDOWN)))
+            self._send(child, wire.encode((STOP,)))
 
     def fail_waiting(self) -> None:
         while self.waiting:
@@ -446,22 +492,16 @@ class Supervisor:
 
     def kill_all(self) -> None:
         for child in list(self.children.values()):
-            _kill(child.pid)
+            child.kill()
 
     def info(self) -> list[dict[str, Any]]:
-        now = time.monotonic()
+        now = self.clock()
         return [{"pid": child.pid, "slots": child.slots, "in-flight": len(child.jobs),
                  "draining": child.draining,
                  "engines": child.stats.get("engines", {}),
-                 "snapshot-age-s": None if child.stats_at is None else round(now - child.stats_at, 3)}
+                 "snapshot-age-s": (None if child.stats_at is None
+                                    else round(now - child.stats_at, 3))}
                 for child in self.children.values()]
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _exit_reason(exitcode: int | None) -> str:

@@ -5,7 +5,8 @@ them, so each loop builds its own engines from the settings and disposes them
 on that loop: a worker child's and the eager-mode helper's loops through their
 ``Runtime``; any other loop (a web app's, a script's, a test's) through
 ``standalone``. They are kept by (process, loop), so an engine is never handed
-to a loop, or a forked process, other than the one it was built in.
+to a loop, or a forked process, other than the one it was built in;
+``session()`` and ``engine()`` (``api``) find them there.
 
 SQLAlchemy is imported inside functions: the ``celery`` command imports this
 package for every invocation (its ``celery.commands`` entry point).
@@ -14,16 +15,13 @@ package for every invocation (its ``celery.commands`` entry point).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import leftovers
-from .config import DEFAULT_DATABASE, DatabaseSettings, Settings
-from .errors import ConfigurationError, NoRuntimeError
+from ..config import DatabaseSettings, Settings
+from ..errors import ConfigurationError
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -164,73 +162,6 @@ class Databases:
 def registered() -> Databases | None:
     """The running loop's databases in this process, if it has any yet."""
     return _by_loop.get((os.getpid(), asyncio.get_running_loop()))
-
-
-def _current(caller: str) -> Databases:
-    try:
-        databases = registered()
-    except RuntimeError:
-        raise NoRuntimeError(
-            f"{caller} needs a running event loop: call it inside a coroutine (an async "
-            "task, a FastAPI handler, a script's asyncio.run(main()))."
-        ) from None
-    if databases is None:
-        from .standalone import build_for_this_loop
-
-        databases = build_for_this_loop(caller)
-    return databases
-
-
-def session(name: str = DEFAULT_DATABASE) -> AsyncSession:
-    """A new ``AsyncSession`` on this loop's engine for database ``name``.
-
-    Use it as ``async with session() as s:``. Sessions default to
-    ``expire_on_commit=False``, so attributes stay readable after commit.
-    Outside a worker child the loop's engines are built on first use from the
-    bound app's settings (``celery_asyncpool.bind``); see ``open_databases``.
-    One that a worker's task body leaves in a transaction is rolled back and
-    closed when the body returns, with a warning (``leftovers``).
-
-    Raises:
-        NoRuntimeError: without a running loop, or outside a worker with no app to
-            take the settings from (see the message for what to do).
-        ConfigurationError: when no database ``name`` is configured.
-    """
-    opened = _current("session()").sessionmaker(name)()
-    leftovers.track_session(opened)
-    return opened
-
-
-def engine(name: str = DEFAULT_DATABASE) -> AsyncEngine:
-    """This loop's ``AsyncEngine`` for database ``name``.
-
-    Use it on the loop that asked for it: each loop has its own engines.
-
-    Raises:
-        NoRuntimeError: as for ``session()``.
-        ConfigurationError: when no database ``name`` is configured.
-    """
-    return _current("engine()").engine(name)
-
-
-def dispose_inherited_engines() -> int:
-    """Detach this process from every engine pool it inherited through fork.
-
-    Engines built before fork, ours or the user's own ``create_async_engine``
-    at import, hold the parent's connections (and possibly queues bound to the
-    parent's loop). ``dispose(close=False)`` gives each a fresh pool without
-    touching the parent's connections. Returns how many engines were reset.
-    """
-    if "sqlalchemy.engine.base" not in sys.modules:
-        return 0
-    from sqlalchemy.engine.base import Engine, OptionEngineMixin
-
-    count = 0
-    for obj in gc.get_objects():
-        if isinstance(obj, Engine) and not isinstance(obj, OptionEngineMixin):
-            obj.dispose(close=False)
-            count += 1
-    return count
 
 
 def forget_inherited_loops() -> None:

@@ -25,9 +25,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .config import Settings
-from .database import Databases, Sizing, registered
-from .errors import ConfigurationError, NoRuntimeError
+from .. import _compat
+from ..config import Settings
+from ..errors import ConfigurationError, NoRuntimeError
+from .engines import Databases, Sizing, registered
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -74,9 +75,7 @@ def settings_app(caller: str) -> Celery:
     """
     if _bound is not None:
         return _bound
-    from celery import current_app
-
-    app: Celery = current_app._get_current_object()
+    app: Celery = _compat.current_app()
     if app.conf.get("asyncsql_database_url") or app.conf.get("asyncsql_databases"):
         return app
     raise NoRuntimeError(

@@ -24,8 +24,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Settings, masked_url
-from .database import Sizing, connections_per_process
+from .. import _compat
+from ..config import Settings, masked_url
+from .engines import Sizing, connections_per_process
 
 RESULT_BACKEND = "result-backend"
 BACKEND_THREADS_PER_CHILD = 2
@@ -58,13 +59,11 @@ def connection_budget(conf: Mapping[str, Any], settings: Settings,
 
 def result_backend_url(conf: Mapping[str, Any]) -> str | None:
     """The URL of Celery's database result backend, or None for another backend."""
-    from celery.app.backends import by_url
-
     backend = conf.get("result_backend")
     if not backend:
         return None
     try:
-        backend_cls, url = by_url(backend)
+        backend_cls, url = _compat.backend_class(backend)
     except Exception:
         return None  # Celery itself reports a backend it cannot load
     from celery.backends.database import DatabaseBackend

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import sys
 import threading
 import time
 import traceback
@@ -23,12 +22,14 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from .. import _compat
+
 logger = logging.getLogger(__name__)
 
 # What the loop runs, described for the warning; given the asyncio Task running (or None).
 Describe = Callable[["asyncio.Task[Any] | None"], str]
 
-_LOOP_CALLBACK_CODE = asyncio.events.Handle._run.__code__  # every callback and Task step
+_LOOP_CALLBACK_CODE = _compat.loop_callback_code()  # every callback and Task step
 BEATS_PER_THRESHOLD = 4
 JOIN_TIMEOUT_S = 1.0
 
@@ -58,7 +59,7 @@ class Watchdog:
     def start(self) -> None:
         """Start the heartbeat on the running loop (call it there) and the watching thread."""
         self._loop_thread_id = threading.get_ident()
-        self._outer_frames = _frames_below_the_loop(sys._getframe())
+        self._outer_frames = _frames_below_the_loop(_compat.current_frame())
         self._tick()
         self._thread.start()
 
@@ -101,7 +102,7 @@ class Watchdog:
 
     def _warn(self, overdue_s: float) -> None:
         running = asyncio.current_task(self._loop)  # reads a dict: safe from this thread
-        stack = _running_stack(sys._current_frames().get(self._loop_thread_id or 0),
+        stack = _running_stack(_compat.thread_frames().get(self._loop_thread_id or 0),
                                self._outer_frames)
         logger.warning(
             "The event loop of this asyncsql child has not run for %.1fs "
