@@ -252,6 +252,8 @@ class Supervisor:
             logger.error("asyncsql child %s exited with %s while running %d job(s)",
                          child.pid, _exit_reason(exitcode), started)
         for job in child.jobs.values():
+            if job.settled:
+                continue  # revoked or past its hard limit: nothing left to run or to tell
             if self.cold:
                 job.settle(notify=False)
             elif job.accepted:
