@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SOFT_LIMIT_MESSAGE = CANCEL_MESSAGES[SOFT]
+# How often a thread waiting on the loop wakes, so that an exception raised in it
+# (the soft time limit, ``_compat.set_async_exc``) arrives while it waits.
+WAIT_SLICE_S = 0.05
 
 
 class _Handoff:
@@ -169,7 +172,7 @@ class Runtime:
         job = _Handoff(coro, self.loop)
         self.loop.call_soon_threadsafe(job.start, context=caller_context())
         try:
-            error = job.done.exception()
+            error = _wait(job.done)
         except BaseException as interrupt:
             return self._interrupted(job, interrupt)  # type: ignore[no-any-return]
         if isinstance(error, asyncio.CancelledError):
@@ -227,6 +230,19 @@ class Runtime:
         if not task.done():
             logger.warning("A coroutine did not finish within %ss of being cancelled (%s)",
                            self.settings.cancel_grace_s, _interrupt_message(interrupt))
+
+
+def _wait(done: concurrent.futures.Future[Any]) -> BaseException | None:
+    """``done``'s exception once it is done, waking every ``WAIT_SLICE_S``.
+
+    A lock wait in C defers an exception raised in this thread from another
+    (a sync task's soft time limit) until the wait ends; slices let it in.
+    """
+    while True:
+        try:
+            return done.exception(timeout=WAIT_SLICE_S)
+        except concurrent.futures.TimeoutError:
+            continue
 
 
 def _interrupt_message(interrupt: BaseException) -> str:

@@ -77,6 +77,13 @@ def sync_mark_handles_soft(tag, seconds):
     return "finished"
 
 
+@app.task(soft_time_limit=1)
+def sync_waits_on_async_body(tag, seconds):
+    """A sync task that calls into the loop: an async task's body, run to completion here."""
+    _record(tag)
+    return async_mark_sleep(f"{tag}-body", seconds)
+
+
 @app.task
 async def async_session_sleep(tag, seconds):
     """Hold a pooled connection in a server-side ``pg_sleep``."""

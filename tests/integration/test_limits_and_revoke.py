@@ -242,6 +242,19 @@ def test_soft_limit_mid_query_leaves_the_child_and_its_connections_usable(worker
         assert worker.children() == children
 
 
+def test_soft_limit_reaches_a_sync_task_waiting_on_an_async_body(worker_factory):
+    """A sync task blocked on the loop gets its soft limit when it passes, not when the body
+    ends; the body is cancelled at its ``await`` and the child goes on."""
+    with worker_factory(pool="asyncsql", concurrency=2, include=INCLUDE) as worker:
+        sent_at = time.monotonic()
+        limited = worker.send(tl.sync_waits_on_async_body, new_tag(), 30)
+        with pytest.raises(SoftTimeLimitExceeded):
+            limited.get(timeout=40)
+        assert time.monotonic() - sent_at < 15, "the limit waited for the 30 s body"
+        children = worker.children()
+        assert worker.send(tl.async_mark_sleep, new_tag(), 0.1).get(timeout=20) in children
+
+
 # -- row 11: hard time limit ---------------------------------------------------
 
 @pytest.mark.parametrize("pool,task", SLEEPERS)

@@ -190,3 +190,33 @@ def test_terminate_mid_coroutine_unwinds_it_and_leaves_the_loop_closable(child_r
     child_runtime.stop()
     assert child_runtime.loop.is_closed()
 
+
+def test_a_soft_limit_reaches_a_thread_waiting_on_the_loop(threaded_runtime):
+    """As a sync task's thread is interrupted by its soft limit while it waits on an async
+    body: the limit arrives while it waits, and the body is cancelled at its ``await``."""
+    from celery_asyncpool import _compat
+
+    body_started, outcome = threading.Event(), []
+
+    async def body():
+        body_started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError as exc:
+            outcome.append(f"body cancelled: {exc.args[0]}")
+            raise
+
+    def sync_task():
+        try:
+            threaded_runtime.run(body())
+        except SoftTimeLimitExceeded:
+            outcome.append("SoftTimeLimitExceeded")
+
+    thread = threading.Thread(target=sync_task)
+    thread.start()
+    assert body_started.wait(5)
+    assert _compat.set_async_exc(thread.ident, SoftTimeLimitExceeded)
+    thread.join(10)
+    assert not thread.is_alive(), "the limit waited for the 30 s body"
+    assert outcome == ["body cancelled: celery_asyncpool: soft time limit exceeded",
+                       "SoftTimeLimitExceeded"]
