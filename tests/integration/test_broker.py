@@ -20,6 +20,10 @@ import redis
 from . import tasks_broker as tb
 from .conftest import RABBITMQ_URL, eventually, pg_scalar
 
+# It closes the worker's broker connections, and its prefork reference counts redeliveries
+# after a 6 s visibility timeout that a loaded machine can outlast.
+pytestmark = pytest.mark.serial
+
 INCLUDE = "tests.integration.tasks,tests.integration.tasks_broker"
 REDIS_BROKER = "redis://127.0.0.1:6379/13"
 BROKERS = [pytest.param(REDIS_BROKER, id="redis"), pytest.param(RABBITMQ_URL, id="amqp")]

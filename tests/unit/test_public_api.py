@@ -11,6 +11,18 @@ from celery_asyncpool import registration
 from celery_asyncpool.errors import AsyncPoolError
 
 
+@pytest.fixture(autouse=True)
+def eager_check_kept():
+    """A worker_init sent here stands for a worker, which turns the eager-mode check off in
+    its process (celery_asyncpool.task): turn it back on for the tests run after these."""
+    yield
+    from celery import signals
+
+    from celery_asyncpool import task
+
+    signals.task_postrun.connect(task._on_task_postrun, weak=False)
+
+
 def test_all_lists_exactly_the_public_names():
     public = {name for name in dir(celery_asyncpool) if not name.startswith("_")}
     modules = {name for name in public
