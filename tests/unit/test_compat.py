@@ -182,8 +182,8 @@ def test_an_exception_is_raised_in_another_thread_and_its_frames_are_read():
     started, outcome = threading.Event(), []
 
     def busy():
-        started.set()
         try:
+            started.set()
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 pass
