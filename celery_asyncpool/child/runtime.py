@@ -52,12 +52,18 @@ class _Handoff:
         self.task: asyncio.Task[Any] | None = None
 
     def start(self) -> None:
+        if self.done.done():
+            return  # cancelled before it started
         self.task = self.loop.create_task(self.coro)
         self.task.add_done_callback(self._finish)
 
     def cancel(self, message: str) -> None:
+        """Cancel the coroutine at its ``await``; on the loop, so before or after ``start``."""
         if self.task is not None:
             self.task.cancel(message)
+        elif not self.done.done():
+            self.coro.close()
+            self.done.set_exception(asyncio.CancelledError(message))
 
     def _finish(self, task: asyncio.Task[Any]) -> None:
         try:
@@ -170,8 +176,8 @@ class Runtime:
         if self._thread is None and not self.loop.is_running():
             return self._run_here(coro)
         job = _Handoff(coro, self.loop)
-        self.loop.call_soon_threadsafe(job.start, context=caller_context())
-        try:
+        try:  # from before the hand-over: an interrupt may land as soon as it is made
+            self.loop.call_soon_threadsafe(job.start, context=caller_context())
             error = _wait(job.done)
         except BaseException as interrupt:
             return self._interrupted(job, interrupt)  # type: ignore[no-any-return]

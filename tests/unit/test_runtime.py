@@ -220,3 +220,20 @@ def test_a_soft_limit_reaches_a_thread_waiting_on_the_loop(threaded_runtime):
     assert not thread.is_alive(), "the limit waited for the 30 s body"
     assert outcome == ["body cancelled: celery_asyncpool: soft time limit exceeded",
                        "SoftTimeLimitExceeded"]
+
+
+def test_a_coroutine_cancelled_before_its_hand_over_started_never_runs(threaded_runtime):
+    """An interrupt can land in the waiting thread as the hand-over is being made: the cancel
+    then reaches the loop first, and the body is closed unstarted, not left running."""
+    from celery_asyncpool.child.runtime import _Handoff
+
+    ran = []
+
+    async def body():
+        ran.append(True)
+
+    job = _Handoff(body(), threaded_runtime.loop)
+    threaded_runtime.loop.call_soon_threadsafe(job.cancel, "interrupted")
+    threaded_runtime.loop.call_soon_threadsafe(job.start)
+    assert isinstance(job.done.exception(timeout=5), asyncio.CancelledError)
+    assert ran == [] and job.task is None
