@@ -10,7 +10,9 @@ the engine a fresh, empty pool and leaves the parent's connections alone.
 The engines are found by a class-level ``engine_connect`` listener, ours and
 the user's own ``create_async_engine`` alike, registered before the worker
 imports the task modules (``watch_engines``, from ``registration``). An engine
-that never connected has an empty pool and nothing to hand over.
+that never connected has an empty pool and nothing to hand over. One that the
+``-A`` module itself connects while it is imported, before that, is not seen.
+The listener costs each connection checkout about 2 us.
 """
 
 from __future__ import annotations
