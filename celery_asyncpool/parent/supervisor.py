@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import logging
 import os
 import signal
@@ -89,8 +90,7 @@ class Job:
         a slot freed now would go to a request Celery is about to discard and the
         broker redelivers, and the task would run twice.
         """
-        self.supervisor.driver.call_later(0, self.supervisor.revoke, self,
-                                          signum or signal.SIGTERM)
+        self.supervisor.later(0, self.supervisor.revoke, self, signum or signal.SIGTERM)
 
     def settle(self, outcome: Any = None, error: BaseException | None = None,
                notify: bool = True) -> None:
@@ -190,6 +190,21 @@ class Supervisor:
         self.cold = False
         self.clock = clock
         self._depth = threading.local()
+        self._later: dict[int, tuple[float, Callback, tuple[Any, ...], Any]] = {}
+        self._later_ids = itertools.count()
+
+    def later(self, delay_s: float, callback: Callback, *args: Any) -> None:
+        """Call ``callback(*args)`` in ``delay_s`` on the driver, and on the next one after
+        ``move_to``: a revoke or a stuck-job check must not stay behind on a stopped hub."""
+        key = next(self._later_ids)
+        when = self.clock() + delay_s
+        timer = self.driver.call_later(delay_s, self._fire_later, key)
+        self._later[key] = (when, callback, args, timer)
+
+    def _fire_later(self, key: int) -> None:
+        entry = self._later.pop(key, None)
+        if entry is not None:
+            entry[1](*entry[2])
 
     def busy_here(self) -> bool:
         """Whether this thread is inside the supervisor (a signal handler interrupted it)."""
@@ -398,7 +413,7 @@ class Supervisor:
         child = job.child
         assert child is not None
         self._cancel(job, reason)
-        self.driver.call_later(self.cancel_grace_s, self._check_cancelled, child, job,
+        self.later(self.cancel_grace_s, self._check_cancelled, child, job,
                                reason, self.clock())
 
     @_entry
@@ -432,7 +447,7 @@ class Supervisor:
                          sum(not other.settled for other in child.jobs.values()))
             if self._kill_if_only_stuck(child):
                 return
-        self.driver.call_later(STATS_INTERVAL_S, self._check_cancelled, child, job, reason,
+        self.later(STATS_INTERVAL_S, self._check_cancelled, child, job, reason,
                                cancelled_at)
 
     def _kill_if_only_stuck(self, child: ChildProcess) -> bool:
@@ -459,7 +474,8 @@ class Supervisor:
             self.driver.add_writer(child.job_fd, self._flush, child)
 
     def move_to(self, driver: Any) -> None:
-        """Watch the children and run the job timers on ``driver`` instead (the hub stopped)."""
+        """Watch the children and run the job timers and the ``later`` calls on ``driver``
+        instead (the hub stopped)."""
         old, self.driver = self.driver, driver
         for child in self.children.values():
             for fd in (child.report_fd, child.process.sentinel):
@@ -473,6 +489,10 @@ class Supervisor:
                 job.cancel_timers()
                 for when, action in deadlines:
                     self._arm(job, when, action)
+        for key, (when, callback, args, timer) in list(self._later.items()):
+            timer.cancel()
+            self._later[key] = (when, callback, args, driver.call_later(
+                max(0.0, when - self.clock()), self._fire_later, key))
 
     # --- shutdown -------------------------------------------------------------------------
 

@@ -72,4 +72,5 @@ def test_undecided_until_the_loop_reports_or_stays_silent(stuck):
     child.stats_at = time.monotonic() - 1
     supervisor._check_cancelled(child, cancelled, HARD, time.monotonic() - 0.5)
     assert (killed, child.stuck) == ([], False)
-    assert supervisor.driver.later[-1][1] == supervisor._check_cancelled  # looks again
+    [(_, callback, _, _)] = supervisor._later.values()
+    assert callback == supervisor._check_cancelled  # looks again

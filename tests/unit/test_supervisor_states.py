@@ -159,6 +159,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.outcomes: dict[int, list[str]] = {}
         self.accepts: dict[int, int] = {}
         self.applied: list[sv.Job] = []
+        self.terminated: set[sv.Job] = set()  # revoke(terminate=True) asked, a tick ago or more
         supervisor_cls = type("Observed", (sv.Supervisor,), {"child_class": KillRecorder})
         KillRecorder.machine = self
         self.supervisor = supervisor_cls(
@@ -205,6 +206,7 @@ class SupervisorMachine(RuleBasedStateMachine):
     @rule(job=jobs, signum=st.sampled_from([signal.SIGTERM, signal.SIGKILL]))
     def terminate(self, job, signum):
         job.terminate(signum)  # as Celery's Request.terminate: the revoke runs on a later tick
+        self.terminated.add(job)
 
     @rule(grow=st.integers(-2, 2))
     def resize(self, grow):
@@ -215,6 +217,8 @@ class SupervisorMachine(RuleBasedStateMachine):
     def advance(self, dt):
         self.now += dt
         self.driver.fire_due()
+        unsettled = [job.id for job in self.terminated if not job.settled]
+        assert not unsettled, f"jobs {unsettled} were revoked a tick ago and still run"
 
     @precondition(lambda self: not self.driver.stopped)
     @rule(now=st.integers(0, 9))
