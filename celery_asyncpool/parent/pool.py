@@ -20,6 +20,7 @@ from celery.concurrency.base import BasePool
 from kombu.asynchronous import get_event_loop
 
 from .. import _compat
+from ..child.process import child_entry
 from ..config import Settings
 from ..databases.budget import connection_budget, describe
 from ..databases.checks import startup_warnings
@@ -31,6 +32,7 @@ from .driver import LoopDriver
 from .supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
+
 
 # BasePool is Any without celery-types (an ignored subclass of Any); with them, unused.
 class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
@@ -101,8 +103,6 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         spawned child receives its own two ends only (``PipeEnd``), and the app
         by pickle, as Celery's prefork hands it over.
         """
-        from ..child.process import child_entry
-
         job_r, job_w = make_pipe()
         report_r, report_w = make_pipe()
         app, hostname = self.options["initargs"]
