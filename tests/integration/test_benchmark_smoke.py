@@ -5,8 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
+# The benchmark's own check, run by .ci/run as a part of its own: its -c 100 scenario takes
+# up to 80 of PostgreSQL's connections, and it would load the machine under other tests.
+pytestmark = pytest.mark.benchmark
 
 SMOKE_ENV = {"BENCH_DATABASE": "postgres@127.0.0.1:5432/asyncsql_bench_smoke",
              "BENCH_BROKER": "redis://127.0.0.1:6379/9",
