@@ -91,8 +91,7 @@ def test_connection_loss_running_tasks_finish_and_unstarted_are_redelivered(
         worker_factory, broker, cancel, "asyncsql", tb.hold, tb.hold_late, processes)
     if cancel:
         assert events(late.id, "cancelled") == 1, "the running acks_late task, once"
-        assert (events(late.id, "start"), events(late.id, "end")) == (2, 1), \
-            "then redelivered and run again to its end"
+        assert_redelivered_after_the_cancel(late)
 
 
 @pytest.mark.parametrize("cancel", [False, True], ids=["cancel-off", "cancel-on"])
@@ -101,7 +100,18 @@ def test_prefork_on_connection_loss_as_a_reference(worker_factory, cancel):
     early, late, waiting = _lose_the_connection_with_tasks_in_flight(
         worker_factory, REDIS_BROKER, cancel, "prefork", tb.sync_hold, tb.sync_hold_late)
     if cancel:  # its process killed: no row for the cancel itself
-        assert (events(late.id, "start"), events(late.id, "end")) == (2, 1)
+        assert_redelivered_after_the_cancel(late)
+
+
+def assert_redelivered_after_the_cancel(late) -> None:
+    """The cancelled acks_late run, then the redelivered one run to its end: at least once.
+
+    kombu's Redis transport restores the unacked message when the channel closes, and its
+    visibility timeout can restore it a second time (seen on prefork: 3 starts, 2 ends; the
+    pool shares the transport), so every start but the cancelled one ends, however many.
+    """
+    starts, ends = events(late.id, "start"), events(late.id, "end")
+    assert starts >= 2 and ends == starts - 1, (starts, ends)
 
 
 def _lose_the_connection_with_tasks_in_flight(worker_factory, broker, cancel, pool,
