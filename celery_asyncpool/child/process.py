@@ -8,7 +8,6 @@ may bind to it, then the bridges go in, then the engines and start hooks.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -27,8 +26,6 @@ from .server import JobServer, ReportPipe
 
 if TYPE_CHECKING:
     from celery import Celery
-
-logger = logging.getLogger(__name__)
 
 RESTART_DELAY_S = 1.0  # the parent replaces a failed child at once: no hot restart loop
 START_FAILED_EXITCODE = 3
