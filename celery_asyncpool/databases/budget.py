@@ -57,6 +57,16 @@ def connection_budget(conf: Mapping[str, Any], settings: Settings,
     return tuple(entries)
 
 
+def most_children(settings: Settings, sizing: Sizing) -> int | None:
+    """How many children of this sizing fit within ``asyncsql_connection_cap`` for every
+    database (at least the children laid out at start); None without databases."""
+    per_child = [connections_per_process(database, sizing) for database in settings.databases]
+    if not per_child:
+        return None
+    return max(sizing.processes,
+               min(sizing.connection_cap // max(1, connections) for connections in per_child))
+
+
 def result_backend_url(conf: Mapping[str, Any]) -> str | None:
     """The URL of Celery's database result backend, or None for another backend."""
     backend = conf.get("result_backend")

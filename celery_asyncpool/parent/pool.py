@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import math
 import os
 from contextlib import nullcontext
 from typing import Any
@@ -22,10 +23,11 @@ from kombu.asynchronous import get_event_loop
 from .. import _compat
 from ..child.process import child_entry
 from ..config import Settings
-from ..databases.budget import connection_budget, describe
+from ..databases.budget import connection_budget, describe, most_children
 from ..databases.checks import startup_warnings
 from ..databases.engines import Sizing, check_engine_options
 from ..databases.fork import watch_engines
+from ..errors import ConfigurationError
 from ..registration import POOL_PATH, autoscale_maximum
 from ..wire import PipeEnd, make_pipe
 from .driver import LoopDriver
@@ -43,9 +45,10 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
     revoke cancels one coroutine and leaves its siblings alone.
 
     ``limit`` keeps Celery's meaning: the slots in use now, which
-    ``grow``/``shrink`` and the autoscaler move. Children, their tracers and
-    their engine pools are laid out once, for the autoscale maximum when there
-    is one, so growing moves only the dispatch limit.
+    ``grow``/``shrink`` and the autoscaler move. Children are laid out at
+    start for ``-c``, or the autoscale maximum when there is one; growing past
+    that starts more children of the same size, as far as
+    ``asyncsql_connection_cap`` allows, and shrinking retires them again.
     """
 
     uses_semaphore = True
@@ -57,7 +60,9 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         _compat.check()
         watch_engines()  # idempotent: the worker's import_modules signal did it already
         self.settings = Settings.from_conf(self.app.conf)
-        laid_out = autoscale_maximum(self.limit) or self.limit
+        autoscale = autoscale_maximum(self.limit)
+        _check_slots(self.limit, autoscale)
+        laid_out = autoscale or self.limit
         self.processes, self.slots_per_child = self.settings.layout(laid_out)
         self.sizing = Sizing(self.slots_per_child, self.processes, self.settings.connection_cap)
         check_engine_options(self.settings, self.sizing)
@@ -85,7 +90,8 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
             processes=self.processes, slots_per_child=self.slots_per_child, limit=self.limit,
             spawn=self._spawn_child, driver=self._driver,
             cancel_grace_s=self.settings.cancel_grace_s,
-            semaphore=self.options.get("semaphore"))
+            semaphore=self.options.get("semaphore"),
+            max_jobs_per_child=self.options.get("maxtasksperchild") or None)
         self._supervisor.start()
         if self._hub is None:
             self._driver.start_thread()
@@ -139,28 +145,41 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         cancels that one coroutine (``supervisor.Job.terminate``)."""
 
     def grow(self, n: int = 1) -> None:
-        """Let ``n`` more jobs run at once (``pool_grow``, autoscale), as prefork's grows."""
+        """Let ``n`` more jobs run at once (``pool_grow``, autoscale), as prefork's grows:
+        past the children laid out at start, by starting more."""
         with self._lock():
             self.limit += n
-            laid_out = self.processes * self.slots_per_child
-            if self.limit > laid_out:
-                logger.warning("asyncsql pool grown to %d slots, above the %d its children were "
-                               "laid out for, so at most %d jobs run at once; start the worker "
-                               "with a higher -c or --autoscale maximum.",
-                               self.limit, laid_out, laid_out)
             self._resize_semaphore(n)
-            if self._supervisor is not None:
-                self._supervisor.limit = self.limit
-                self._supervisor.dispatch()
+            self._fit_children()
 
     def shrink(self, n: int = 1) -> None:
-        """Let ``n`` fewer jobs run at once; jobs in flight finish, none is stopped."""
+        """Let ``n`` fewer jobs run at once; children started by ``grow`` and no longer
+        needed finish their jobs and leave; no job is stopped."""
         with self._lock():
             n = min(n, self.limit)
             self.limit -= n
             self._resize_semaphore(-n)
-            if self._supervisor is not None:
-                self._supervisor.limit = self.limit
+            self._fit_children()
+
+    def _fit_children(self) -> None:
+        """As many children as ``limit`` needs, never fewer than at start, within the cap."""
+        wanted = max(self.processes, math.ceil(self.limit / self.slots_per_child))
+        most = most_children(self.settings, self.sizing)
+        if most is not None and wanted > most:
+            logger.warning("asyncsql pool grown to %d slots, but only %d children of %d slot(s) "
+                           "fit within asyncsql_connection_cap (%d per database), so at most %d "
+                           "jobs run at once; raise the cap to grow further.", self.limit, most,
+                           self.slots_per_child, self.settings.connection_cap,
+                           most * self.slots_per_child)
+            wanted = most
+        supervisor = self._supervisor
+        if supervisor is None:
+            return
+        if wanted != supervisor.processes:
+            logger.info("asyncsql pool: %d slots now, run by %d children of %d slot(s) (was %d)",
+                        self.limit, wanted, self.slots_per_child, supervisor.processes)
+        supervisor.limit = self.limit
+        supervisor.resize(wanted)
 
     def _resize_semaphore(self, n: int) -> None:
         """The worker's semaphore (with a hub) admits ``limit`` jobs: keep it in step."""
@@ -253,6 +272,20 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
             "connection-budget": {entry.name: entry.connections for entry in self.budget},
         }
         return info
+
+
+def _check_slots(limit: Any, autoscale: int | None) -> None:
+    """``-c`` / ``worker_concurrency`` must be a count of slots (0 only as an autoscale minimum).
+
+    Raises:
+        ConfigurationError: naming the setting, its value and the fix.
+    """
+    least = 0 if autoscale else 1
+    if not isinstance(limit, int) or limit < least or (autoscale is not None and autoscale < 1):
+        value = limit if autoscale is None else f"{limit} (--autoscale maximum {autoscale})"
+        raise ConfigurationError(
+            f"Setting worker_concurrency (-c) has value {value}; expected a whole number of "
+            "task slots >= 1 (the asyncsql pool's slots, all children together), e.g. -c 100.")
 
 
 def _start_sharing_memory(process: Any) -> None:

@@ -130,9 +130,14 @@ def _exception_info(error: BaseException) -> ExceptionInfo:
 
 
 class ChildProcess:
-    """One child: its process, its two pipes, its slots and the jobs it runs now."""
+    """One child: its process, its two pipes, its slots and the jobs it runs now.
 
-    def __init__(self, index: int, process: Any, job_fd: int, report_fd: int, slots: int) -> None:
+    ``max_jobs`` (``worker_max_tasks_per_child``) counts the jobs sent to it, in
+    flight included, so with many slots it still runs at most that many.
+    """
+
+    def __init__(self, index: int, process: Any, job_fd: int, report_fd: int, slots: int,
+                 max_jobs: int | None = None) -> None:
         self.index = index
         self.process = process
         self.pid: int = process.pid
@@ -140,6 +145,9 @@ class ChildProcess:
         self.report_fd = report_fd
         self.slots = slots
         self.jobs: dict[int, Job] = {}
+        self.max_jobs = max_jobs
+        self.sent = 0  # jobs ever sent to it
+        self.retired = False  # stopped by a shrink: not replaced when it exits
         self.decoder = wire.Decoder()
         self.outbox = bytearray()
         self.up = False
@@ -151,7 +159,15 @@ class ChildProcess:
 
     @property
     def free_slots(self) -> int:
-        return 0 if not self.up or self.draining or self.gone else self.slots - len(self.jobs)
+        if not self.up or self.draining or self.gone:
+            return 0
+        free = self.slots - len(self.jobs)
+        return free if self.max_jobs is None else min(free, self.max_jobs - self.sent)
+
+    @property
+    def spent(self) -> bool:
+        """Sent its ``max_jobs``: it takes no more and leaves once they are done."""
+        return self.max_jobs is not None and self.sent >= self.max_jobs
 
     def kill(self) -> None:
         """SIGKILL the child; its exit is then seen through its sentinel."""
@@ -174,8 +190,10 @@ class Supervisor:
     def __init__(self, *, processes: int, slots_per_child: int, limit: int,
                  spawn: Callable[[int], tuple[Any, int, int]], driver: Any,
                  cancel_grace_s: float, semaphore: Any = None,
+                 max_jobs_per_child: int | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.processes = processes
+        self.max_jobs_per_child = max_jobs_per_child
         self.slots_per_child = slots_per_child
         self.limit = limit
         self._spawn = spawn
@@ -216,11 +234,30 @@ class Supervisor:
         for index in range(self.processes):
             self._start_child(index)
 
+    @_entry
+    def resize(self, processes: int) -> None:
+        """Run ``processes`` children: start new ones, or retire the least busy.
+
+        A retired child takes no new jobs, finishes those it has and is not replaced.
+        """
+        serving = sorted((c for c in self.children.values() if not c.retired),
+                         key=lambda c: (len(c.jobs), -c.index))
+        self.processes = processes
+        for child in serving[:max(0, len(serving) - processes)]:
+            child.retired = True
+            self._stop_child(child)
+        indices = {c.index for c in serving}
+        free = (i for i in itertools.count() if i not in indices)
+        for _ in range(processes - len(serving)):
+            self._start_child(next(free))
+        self.dispatch()
+
     def _start_child(self, index: int) -> None:
         process, job_fd, report_fd = self._spawn(index)
         os.set_blocking(job_fd, False)
         os.set_blocking(report_fd, False)
-        child = self.child_class(index, process, job_fd, report_fd, self.slots_per_child)
+        child = self.child_class(index, process, job_fd, report_fd, self.slots_per_child,
+                                 self.max_jobs_per_child)
         self.children[child.pid] = child
         self._watch(child)
 
@@ -278,7 +315,7 @@ class Supervisor:
                 job.child = None
                 self.waiting.appendleft(job)
         child.jobs.clear()
-        if self.respawn:
+        if self.respawn and not child.retired:
             self._start_child(child.index)
         self.dispatch()
 
@@ -306,6 +343,7 @@ class Supervisor:
             job = self.waiting.popleft()
             job.child = child
             child.jobs[job.id] = job
+            child.sent += 1
             self._send(child, job.message)
             room -= 1
 
@@ -358,6 +396,8 @@ class Supervisor:
         job.settle(outcome, notify=not self.cold)
         if child.stuck:
             self._kill_if_only_stuck(child)
+        elif child.spent and not child.jobs:
+            self._stop_child(child)
         self.dispatch()
 
     def release_slot(self) -> None:
@@ -511,6 +551,12 @@ class Supervisor:
         while self.waiting:
             self.waiting.popleft().settle(error=WorkerLostError("The worker stopped before "
                                                                 "this job was sent to a child."))
+
+    def _stop_child(self, child: ChildProcess) -> None:
+        """Ask a child to leave once its jobs are done (it may be leaving already)."""
+        if not child.draining:
+            child.draining = True
+            self._send(child, wire.encode((STOP,)))
 
     def kill_all(self) -> None:
         for child in list(self.children.values()):

@@ -58,6 +58,24 @@ def test_every_setting_given_a_wrong_value_fails_the_worker_at_start_up_naming_i
         assert "pw@" not in out
 
 
+@pytest.mark.parametrize("how, message", [
+    ("setting", "Setting worker_concurrency (-c) has value -1; expected a whole number of task "
+                "slots >= 1"),
+    ("option", "Invalid value for '-c' / '--concurrency'"),  # Celery's own check
+])
+def test_a_negative_concurrency_fails_the_worker_at_start_up_naming_it(tmp_path, how, message):
+    conf, args = ({"worker_concurrency": -1}, []) if how == "setting" else ({}, ["-c", "-1"])
+    command = worker_command("tests.integration.app", hostname=f"bad-{uuid.uuid4().hex[:8]}@%h",
+                             concurrency=None, args=["-Q", "itest-never-used", *args])
+    worker = start_worker(command, hostname="", log_path=tmp_path / "worker.log", cwd=ROOT,
+                          env={"ITEST_CONF": json.dumps(conf)}, pythonpath=[str(ROOT)])
+    worker.proc.wait(timeout=120)
+    out = worker.logs()
+    assert worker.proc.returncode != 0, f"a worker with {how} -1 started:\n{out[-3000:]}"
+    assert message in out, out[-3000:]
+    assert "Traceback" not in out, out
+
+
 def test_a_worker_warns_at_start_up_when_its_budget_exceeds_max_connections(worker_factory):
     conf = {"asyncsql_engine_options": {"pool_size": 1000}}
     with worker_factory(concurrency=2, conf=conf) as worker:

@@ -8,6 +8,7 @@ ones run on both brokers, Redis and RabbitMQ (``broker``).
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import time
@@ -211,6 +212,17 @@ def test_max_tasks_per_child_replaces_children_without_a_stall_or_a_lost_task(
         assert len(worker.wait_for_children(2)) == 2
 
 
+def test_max_tasks_per_child_counts_the_tasks_in_flight_too(worker_factory):
+    """4 slots and at most 3 tasks: a child is sent 3, however many slots are free."""
+    with slot_worker(worker_factory, slots=8, processes=2,
+                     args=("--max-tasks-per-child", "3")) as worker:
+        done = [r.get(timeout=60) for r in [worker.send(ts.span, 0.3) for _ in range(24)]]
+        per_child = collections.Counter(d["child"] for d in done)
+        assert max(per_child.values()) <= 3, per_child
+        assert len(per_child) >= 8, per_child
+        assert len(worker.wait_for_children(2)) == 2
+
+
 # --- rows 16-18: prefetch, inspect stats and active --------------------------------------------
 
 @pytest.mark.parametrize("processes", [2, 6], ids=["3-slots", "1-slot"])
@@ -264,6 +276,26 @@ def test_pool_shrink_and_grow_move_the_slots_in_use_not_the_children(worker_fact
         done = [r.get(timeout=30) for r in [worker.send(ts.span, 1) for _ in range(6)]]
         assert most_at_once([(d["start"], d["end"]) for d in done]) == 6
         assert worker.children() == children, "no child was started or stopped"
+
+
+def test_pool_grow_past_the_slots_started_with_adds_a_child_and_shrink_retires_it(
+        worker_factory):
+    with slot_worker(worker_factory, slots=8, processes=2) as worker:
+        children = worker.wait_for_children(2)
+        _control(worker, "pool_grow", 2)
+        grown = worker.wait_for_children(3)
+        assert set(children) < set(grown), "a third child joined the two"
+        eventually(lambda: len(_reporting_children(worker)) == 3, 20, "the third child up")
+        pool = _stats(worker)["pool"]
+        assert pool["max-concurrency"] == 10
+        done = [r.get(timeout=30) for r in [worker.send(ts.db_span, 1.5) for _ in range(10)]]
+        assert most_at_once([(d["start"], d["end"]) for d in done]) == 10, \
+            "10 tasks ran at once, as on prefork grown by 2"
+        assert "10 slots now, run by 3 children of 4 slot(s)" in worker.logs()
+        _control(worker, "pool_shrink", 2)
+        assert len(worker.wait_for_children(2)) == 2, "the child grown for is retired"
+        done = [r.get(timeout=30) for r in [worker.send(ts.span, 1) for _ in range(10)]]
+        assert most_at_once([(d["start"], d["end"]) for d in done]) == 8
 
 
 def test_autoscale_lays_out_children_for_the_maximum_and_moves_only_the_limit(worker_factory):

@@ -26,6 +26,7 @@ from celery_asyncpool.wire import ACK, BYE, DRAINING, JOB, READY, STATS, STOP, U
 
 SLOTS = 2
 PROCESSES = 2
+MAX_JOBS = 3  # worker_max_tasks_per_child: more than a child's slots, fewer than twice
 GRACE_S = 1.0
 
 
@@ -98,6 +99,8 @@ class FakeChild:
         os.set_blocking(self.job_r, False)
         self.running = {}  # job id -> acked
         self.most_running = 0
+        self.received = 0
+        self.job_after_stop = False
         self.stopping = False
         self.killed = False
         self.exited = False
@@ -110,6 +113,8 @@ class FakeChild:
             if message[0] == JOB:
                 self.running[message[1]] = False
                 self.most_running = max(self.most_running, len(self.running))
+                self.received += 1
+                self.job_after_stop |= self.stopping
             elif message[0] == STOP:
                 self.stopping = True
 
@@ -165,7 +170,7 @@ class SupervisorMachine(RuleBasedStateMachine):
         self.supervisor = supervisor_cls(
             processes=PROCESSES, slots_per_child=SLOTS, limit=PROCESSES * SLOTS,
             spawn=self.spawn, driver=self.driver, cancel_grace_s=GRACE_S,
-            semaphore=self.semaphore, clock=self.clock)
+            semaphore=self.semaphore, max_jobs_per_child=MAX_JOBS, clock=self.clock)
         self.supervisor.start()
         self.hub_polls()  # the children's UP: most runs start with children ready
 
@@ -212,6 +217,11 @@ class SupervisorMachine(RuleBasedStateMachine):
     def resize(self, grow):
         self.supervisor.limit = max(0, self.supervisor.limit + grow)
         self.supervisor.dispatch()
+
+    @rule(processes=st.integers(1, 3))
+    def grow_or_shrink_children(self, processes):
+        """pool_grow / pool_shrink past the children laid out at start."""
+        self.supervisor.resize(processes)
 
     @rule(dt=st.sampled_from([0.0, 0.5, 1.0, 2.5, 5.0]))
     def advance(self, dt):
@@ -361,6 +371,18 @@ class SupervisorMachine(RuleBasedStateMachine):
             assert child.most_running <= SLOTS, "a child was sent more jobs than its slots"
 
     @invariant()
+    def a_child_is_sent_at_most_max_jobs_and_none_after_stop(self):
+        for child in self.children:
+            assert child.received <= MAX_JOBS, "a child was sent more than max_tasks_per_child"
+            assert not child.job_after_stop, "a child was sent a job after it was stopped"
+
+    @invariant()
+    def the_children_serving_are_as_many_as_asked(self):
+        if self.supervisor.respawn:
+            serving = [c for c in self.supervisor.children.values() if not c.retired]
+            assert len(serving) == self.supervisor.processes
+
+    @invariant()
     def a_settled_jobs_timers_are_cancelled(self):
         for job in self.applied:
             if job.settled:
@@ -422,3 +444,14 @@ def test_the_machine_catches_a_job_settled_twice(monkeypatch):
             MACHINE_SETTINGS, max_examples=300, database=None, report_multiple_bugs=False,
             derandomize=True,
             phases=[Phase.generate]))
+
+
+def test_the_machine_catches_a_child_sent_more_than_max_tasks_per_child(monkeypatch):
+    """Counting only the jobs in flight, a child with free slots is sent one job too many."""
+    monkeypatch.setattr(sv.ChildProcess, "free_slots", property(
+        lambda child: 0 if not child.up or child.draining or child.gone
+        else child.slots - len(child.jobs)))
+    with pytest.raises(AssertionError, match="max_tasks_per_child"):
+        run_state_machine_as_test(SupervisorMachine, settings=settings(
+            MACHINE_SETTINGS, max_examples=300, database=None, report_multiple_bugs=False,
+            derandomize=True, phases=[Phase.generate]))
