@@ -77,6 +77,7 @@ class Job:
         self.timeout: float | None = options.get("timeout")
         self.correlation_id = options.get("correlation_id")
         self.task = tuple(args[:2])  # (name, id), to name the task in the log
+        self.task_id = self.task[1] if len(self.task) > 1 else None
         self.child: ChildProcess | None = None
         self.accepted = False
         self.settled = False
@@ -334,18 +335,32 @@ class Supervisor:
 
     @_entry
     def dispatch(self) -> None:
-        """Send waiting jobs to the least-loaded children with free slots, within ``limit``."""
+        """Send waiting jobs to the least-loaded children with free slots, within ``limit``.
+
+        A job whose task id still runs in a child waits for that run to end: a task that
+        retried itself with no countdown is redelivered before its tracer has stored
+        RETRY, and that store, were the new run quick, would land after its SUCCESS.
+        """
         room = self.limit - self.in_flight()
+        held: list[Job] = []
+        running: set[Any] | None = None
         while self.waiting and self.accepting and room > 0:
             child = max(self.children.values(), key=lambda c: c.free_slots, default=None)
             if child is None or child.free_slots <= 0:
-                return
+                break
             job = self.waiting.popleft()
+            if running is None:
+                running = {j.task_id for c in self.children.values() for j in c.jobs.values()}
+            if job.task_id is not None and job.task_id in running:
+                held.append(job)
+                continue
+            running.add(job.task_id)
             job.child = child
             child.jobs[job.id] = job
             child.sent += 1
             self._send(child, job.message)
             room -= 1
+        self.waiting.extendleft(reversed(held))
 
     def _send(self, child: ChildProcess, data: bytes) -> None:
         if child.outbox:

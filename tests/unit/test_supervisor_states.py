@@ -190,8 +190,10 @@ class SupervisorMachine(RuleBasedStateMachine):
     # --- what Celery does -----------------------------------------------------------------
 
     @precondition(lambda self: self.supervisor.accepting)
-    @rule(target=jobs, soft=st.sampled_from([None, 1.0]), hard=st.sampled_from([None, 2.0]))
-    def apply(self, soft, hard):
+    @rule(target=jobs, soft=st.sampled_from([None, 1.0]), hard=st.sampled_from([None, 2.0]),
+          retry=st.booleans())
+    def apply(self, soft, hard, retry):
+        """A new task, or (``retry``) the last one again, as a retry with no countdown."""
         token = len(self.applied)
         self.outcomes[token] = []
         self.accepts[token] = 0
@@ -204,7 +206,9 @@ class SupervisorMachine(RuleBasedStateMachine):
             "timeout_callback": lambda soft, timeout: None if soft else record("hard limit"),
             "soft_timeout": soft, "timeout": hard, "correlation_id": f"task-{token}",
         }
-        job = self.supervisor.apply(print, (f"t.task{token}", f"id-{token}"), {}, options)
+        task = self.applied[-1].task if retry and self.applied else (f"t.task{token}",
+                                                                         f"id-{token}")
+        job = self.supervisor.apply(print, task, {}, options)
         self.applied.append(job)
         return job
 
@@ -371,6 +375,12 @@ class SupervisorMachine(RuleBasedStateMachine):
             assert child.most_running <= SLOTS, "a child was sent more jobs than its slots"
 
     @invariant()
+    def a_task_id_runs_once_at_a_time(self):
+        running = [job.task[1] for child in self.supervisor.children.values()
+                   for job in child.jobs.values()]
+        assert len(running) == len(set(running)), f"a task id runs twice at once: {running}"
+
+    @invariant()
     def a_child_is_sent_at_most_max_jobs_and_none_after_stop(self):
         for child in self.children:
             assert child.received <= MAX_JOBS, "a child was sent more than max_tasks_per_child"
@@ -452,6 +462,21 @@ def test_the_machine_catches_a_child_sent_more_than_max_tasks_per_child(monkeypa
         lambda child: 0 if not child.up or child.draining or child.gone
         else child.slots - len(child.jobs)))
     with pytest.raises(AssertionError, match="max_tasks_per_child"):
+        run_state_machine_as_test(SupervisorMachine, settings=settings(
+            MACHINE_SETTINGS, max_examples=300, database=None, report_multiple_bugs=False,
+            derandomize=True, phases=[Phase.generate]))
+
+
+def test_the_machine_catches_a_retried_task_run_beside_its_first_run(monkeypatch):
+    """Without the hold on a task id in flight, a retry is sent while its first run ends."""
+    init = sv.Job.__init__
+
+    def without_task_id(job, *args, **kwargs):
+        init(job, *args, **kwargs)
+        job.task_id = None
+
+    monkeypatch.setattr(sv.Job, "__init__", without_task_id)
+    with pytest.raises(AssertionError, match="a task id runs twice"):
         run_state_machine_as_test(SupervisorMachine, settings=settings(
             MACHINE_SETTINGS, max_examples=300, database=None, report_multiple_bugs=False,
             derandomize=True, phases=[Phase.generate]))
