@@ -1,0 +1,242 @@
+"""Run Celery's own integration suite on ``-P asyncsql`` and hold it to prefork's results.
+
+``scripts/celery-suite`` calls this. For the Celery version installed (the one
+the project pins), it fetches that version's sdist, checks it against the hash
+in ``sdists.txt``, unpacks its ``t/`` and runs ``t/integration`` with the
+suite's own in-process session worker, its fixtures changed by ``plugin.py``.
+Each pass gets a Redis server of its own (the suite keeps fixed keys in
+database 0 and asserts on the server's pub/sub channels) and, for the
+RabbitMQ pass, a RabbitMQ virtual host of its own, so passes can run at once.
+
+Passes (``--pass``, several at once with ``--pass all``):
+
+- ``sync``: the suite's own tasks, Redis broker and backend;
+- ``async``: the same tasks as ``AsyncTask``\\ s (``async_bodies.py``);
+- ``rabbitmq``: the suite's own tasks, RabbitMQ broker, Redis backend.
+
+Every test that passed on prefork (``reference/<version>/<pass>.txt``) must pass,
+but for those ``left_out.py`` leaves out, with one rerun for a failed test on
+every pool (``--reruns 1``). ``--pool prefork --record`` writes the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import celery
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CACHE = ROOT / ".cache" / "celery-suite"
+PASSES = ("sync", "async", "rabbitmq")
+RABBITMQ = "amqp://guest:guest@127.0.0.1:5672"
+RERUNS = 1  # the flaky-test rule, the same for every pool
+
+
+def pinned_hash(version: str) -> str:
+    """The sha256 of Celery ``version``'s sdist, from ``sdists.txt``."""
+    for line in (HERE / "sdists.txt").read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) == 2 and fields[0] == version:
+            return fields[1]
+    sys.exit(f"celery-suite: Celery {version} is installed, but tests/celery_suite/sdists.txt "
+             f"has no sha256 for its sdist. Add the line '{version} <sha256>' (pip download "
+             f"--no-deps --no-binary :all: celery=={version}; sha256sum the file) and record "
+             "the prefork references for it (see docs/compatibility.md).")
+
+
+def fetch_suite(version: str) -> Path:
+    """Celery ``version``'s ``t/`` and ``pyproject.toml``, unpacked from its checked sdist."""
+    tree = CACHE / f"celery-{version}"
+    if (tree / "t" / "integration" / "conftest.py").exists():
+        return tree
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / f"celery-{version}.tar.gz"
+    if not sdist.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--no-binary", ":all:", f"celery=={version}",
+                        "-d", str(CACHE)], check=True)
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    if digest != pinned_hash(version):
+        sdist.unlink()
+        sys.exit(f"celery-suite: {sdist.name} has sha256 {digest}, not the "
+                 f"{pinned_hash(version)} tests/celery_suite/sdists.txt pins: not used.")
+    prefix = f"celery-{version}/"
+    with tarfile.open(sdist) as archive:
+        members = [m for m in archive.getmembers()
+                   if m.name.startswith(prefix + "t/") or m.name == prefix + "pyproject.toml"]
+        archive.extractall(CACHE, members=members, filter="data")
+    return tree
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[int]:
+    """A Redis server of this pass's own, on a free port; stopped by its PID."""
+    port = free_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"celery-suite: redis-server did not start on port {port}; Redis "
+                         "(redis-server on PATH) is needed for Celery's suite.")
+            time.sleep(0.05)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@contextlib.contextmanager
+def rabbitmq_vhost(name: str) -> Iterator[str]:
+    """A RabbitMQ virtual host of this pass's own, deleted afterwards."""
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+
+    try:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            ctl("delete_vhost", name)
+        ctl("add_vhost", name)
+        ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        sys.exit(f"celery-suite: RabbitMQ at 127.0.0.1:5672 (rabbitmqctl) is unreachable: {exc}")
+    try:
+        yield f"{RABBITMQ}/{name}"
+    finally:
+        with contextlib.suppress(OSError, subprocess.CalledProcessError):
+            ctl("delete_vhost", name)
+
+
+def start_pass(name: str, pool: str, tree: Path, stack: contextlib.ExitStack,
+               pytest_args: list[str]) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """Start one pass's pytest; returns it, its results file and its log."""
+    port = stack.enter_context(redis_server())
+    broker = f"redis://127.0.0.1:{port}/1"
+    if name == "rabbitmq":
+        broker = stack.enter_context(rabbitmq_vhost(f"celery-suite-{pool}-{os.getpid()}"))
+    out = CACHE / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    results, log = out / f"{name}-{pool}.json", out / f"{name}-{pool}.log"
+    env = {**os.environ, "TEST_BROKER": broker, "TEST_BACKEND": f"redis://127.0.0.1:{port}/2",
+           "REDIS_HOST": "127.0.0.1", "REDIS_PORT": str(port),
+           "CELERY_SUITE_POOL": pool, "CELERY_SUITE_BODIES": "async" if name == "async" else "sync",
+           "CELERY_SUITE_RESULTS": str(results),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tree)]),
+           # Some tests start `celery` itself: this environment's.
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])}
+    paths = [] if any(arg.startswith("t/") for arg in pytest_args) else ["t/integration"]
+    command = [sys.executable, "-m", "pytest", *paths, "-p", "celery.contrib.pytest",
+               "-p", "tests.celery_suite.plugin", "-p", "no:cacheprovider", "-q", "-rfE",
+               "--durations=15",
+               f"--reruns={RERUNS}", *pytest_args]
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(command, cwd=tree, env=env, stdout=handle,
+                                   stderr=subprocess.STDOUT)
+    return process, results, log
+
+
+def reference_path(version: str, name: str) -> Path:
+    # The async pass runs the same tests, on prefork with their own (sync) bodies.
+    return HERE / "reference" / version / f"{'sync' if name == 'async' else name}.txt"
+
+
+def judge(version: str, name: str, pool: str, results: Path, record: bool) -> tuple[str, bool]:
+    """One row of the table for this pass and pool, and whether it holds to the reference."""
+    found = json.loads(results.read_text())
+    outcomes: dict[str, str] = found["outcomes"]
+    passed = sorted(n for n, outcome in outcomes.items() if outcome == "passed")
+    failed = sorted(n for n, outcome in outcomes.items() if outcome == "failed")
+    others = len(outcomes) - len(passed) - len(failed)
+    row = (f"| {name} | {pool} | {len(outcomes)} | {len(passed)} | {len(failed)} | {others} | "
+           f"{found['left_out']} | {found['reruns']} |")
+    if record:
+        path = reference_path(version, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(f"{n}\n" for n in passed))
+        print(f"celery-suite: recorded {len(passed)} passing tests in {path.relative_to(ROOT)}")
+        return row, True
+    if pool == "prefork":
+        return row, True
+    reference = reference_path(version, name)
+    if not reference.exists():
+        print(f"celery-suite: no prefork reference {reference.relative_to(ROOT)}; record it "
+              f"with: scripts/celery-suite --pool prefork --pass {name} --record")
+        return row, False
+    left_out = set(found["left_out_ids"])
+    missing = [n for n in reference.read_text().split()
+               if outcomes.get(n) != "passed" and n not in left_out]
+    for nodeid in missing:
+        print(f"celery-suite: {name} pass on -P {pool}: passed on prefork, "
+              f"{outcomes.get(nodeid, 'not run')} here: {nodeid}")
+    return row, not missing
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pass", dest="passes", choices=[*PASSES, "all"], action="append")
+    parser.add_argument("--pool", default="asyncsql", choices=["asyncsql", "prefork"])
+    parser.add_argument("--record", action="store_true",
+                        help="write the prefork reference of each pass (with --pool prefork)")
+    parser.add_argument("pytest_args", nargs="*", help="more pytest arguments, after --")
+    args = parser.parse_args()
+    if args.record and args.pool != "prefork":
+        parser.error("--record writes the prefork reference: use it with --pool prefork")
+    chosen = args.passes or ["all"]
+    passes = [p for p in PASSES if p in chosen or "all" in chosen]
+    for tool in ("redis-server", "rabbitmqctl"):
+        if shutil.which(tool) is None and (tool == "redis-server" or "rabbitmq" in passes):
+            sys.exit(f"celery-suite: {tool} is not on PATH; Celery's suite needs it.")
+    version = celery.__version__
+    tree = fetch_suite(version)
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        running = {name: start_pass(name, args.pool, tree, stack, args.pytest_args)
+                   for name in passes}
+        for name, (process, _, log) in running.items():
+            process.wait()
+            print(f"=== celery-suite: {name} pass on -P {args.pool}: exit status "
+                  f"{process.returncode} after {time.monotonic() - started:.0f} s; log {log}")
+            print("".join(log.read_text(errors="replace").splitlines(True)[-15:]))
+    print("| pass | pool | selected | passed | failed | skipped, xfail | left out | reruns |")
+    print("|---|---|---|---|---|---|---|---|")
+    ok = True
+    for name, (_, results, _) in running.items():
+        if not results.exists():
+            print(f"celery-suite: the {name} pass wrote no results ({results})")
+            ok = False
+            continue
+        row, held = judge(version, name, args.pool, results, args.record)
+        print(row)
+        ok &= held
+    ok &= all((results.exists() and json.loads(results.read_text())["outcomes"])
+              for _, results, _ in running.values())  # a pass that ran nothing fails
+    print(f"=== celery-suite: {'every' if ok else 'NOT every'} test that passed on prefork "
+          f"passed on -P {args.pool}; {time.monotonic() - started:.0f} s in all")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
