@@ -45,3 +45,13 @@ async def blocks(seconds):
     """Block the loop for ``seconds``: no cancellation can reach it."""
     time.sleep(seconds)
     return os.getpid()
+
+
+@app.task(bind=True)
+async def retry_then_linger(self, linger_s):
+    """Retry with no countdown, then take ``linger_s`` before the tracer stores RETRY."""
+    if not self.request.retries:
+        retry = self.retry(countdown=0, throw=False)  # the new message is sent now
+        await asyncio.sleep(linger_s)
+        raise retry
+    return {"child": os.getpid(), "start": time.time()}

@@ -9,17 +9,19 @@ ones run on both brokers, Redis and RabbitMQ (``broker``).
 from __future__ import annotations
 
 import collections
+import json
 import os
 import signal
 import time
 from contextlib import contextmanager
 
 import pytest
+import redis
 from billiard.exceptions import WorkerLostError
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from . import tasks_slots as ts
-from .app import app
+from .app import BACKEND_URL, app
 from .conftest import BROKERS, RABBITMQ_URL, REDIS_URL, eventually, pg_connections
 
 INCLUDE = "tests.integration.tasks,tests.integration.tasks_slots"
@@ -221,6 +223,19 @@ def test_max_tasks_per_child_counts_the_tasks_in_flight_too(worker_factory):
         assert max(per_child.values()) <= 3, per_child
         assert len(per_child) >= 8, per_child
         assert len(worker.wait_for_children(2)) == 2
+
+
+def test_a_retry_waits_for_its_first_run_so_success_is_stored_last(worker_factory):
+    """On prefork the retried run may finish before the first run stores RETRY, which then
+    overwrites SUCCESS; with free slots here, it would run at once. It waits instead."""
+    with slot_worker(worker_factory, slots=4, processes=2) as worker:
+        sent = time.time()
+        result = worker.send(ts.retry_then_linger, 1.5)
+        done = result.get(timeout=30)
+        assert done["start"] - sent >= 1.5, "the retried run started before the first ended"
+        time.sleep(1)  # a late RETRY would land by now
+        meta = json.loads(redis.Redis.from_url(BACKEND_URL).get(f"celery-task-meta-{result.id}"))
+        assert meta["status"] == "SUCCESS", meta
 
 
 # --- rows 16-18: prefetch, inspect stats and active --------------------------------------------
