@@ -8,6 +8,7 @@ the tracer executes without changing the tracer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable
@@ -66,4 +67,8 @@ def _bridge(body: Callable[..., Any], runtime: Runtime) -> Callable[..., Any]:
         if runtime.on_loop_thread():
             return body(*args, **kwargs)  # awaited by the coroutine that called it
         return runtime.run(body(*args, **kwargs))
+    # wraps() copied a __signature__ the body's function may carry, which still names its
+    # ``self``; Task.retry(args=..., kwargs=...) binds the request's arguments to this one.
+    with contextlib.suppress(TypeError, ValueError):
+        run.__signature__ = inspect.signature(body)  # type: ignore[attr-defined]
     return run

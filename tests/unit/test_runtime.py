@@ -237,3 +237,20 @@ def test_a_coroutine_cancelled_before_its_hand_over_started_never_runs(threaded_
     threaded_runtime.loop.call_soon_threadsafe(job.start)
     assert isinstance(job.done.exception(timeout=5), asyncio.CancelledError)
     assert ran == [] and job.task is None
+
+
+def test_a_bridged_body_keeps_the_signature_retry_binds_arguments_to(runtime):
+    """``Task.retry(kwargs=...)`` binds the request's args to ``inspect.signature(task.run)``."""
+    import inspect
+
+    from celery_asyncpool.child.bridge import _bridge
+
+    class Body:
+        async def run(self, foo, bar):
+            return foo, bar
+
+    # A decorator may leave a __signature__ on the function, naming its ``self``.
+    Body.run.__signature__ = inspect.signature(Body.run)
+    bridged = _bridge(Body().run, runtime)
+    assert str(inspect.signature(bridged)) == "(foo, bar)"
+    assert bridged(1, bar=2) == (1, 2)  # outside a tracer: run on the loop, waited for
