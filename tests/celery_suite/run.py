@@ -186,7 +186,7 @@ def judge(version: str, name: str, pool: str, results: Path, record: bool) -> tu
               f"with: scripts/celery-suite --pool prefork --pass {name} --record")
         return row, False
     left_out = set(found["left_out_ids"])
-    missing = [n for n in reference.read_text().split()
+    missing = [n for n in reference.read_text().splitlines()
                if outcomes.get(n) != "passed" and n not in left_out]
     for nodeid in missing:
         print(f"celery-suite: {name} pass on -P {pool}: passed on prefork, "

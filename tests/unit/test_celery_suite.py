@@ -68,3 +68,11 @@ def test_every_reason_says_why_and_async_ones_name_a_docs_section():
         assert key.startswith("t/integration/") and len(why) > 40, key
     for why in left_out.ASYNC_BODIES.values():
         assert "docs/" in why, why
+
+
+def test_a_reference_id_with_spaces_is_one_test(tmp_path, reference):
+    reference.write_text("t/a.py::test_p[body is a chain]\n")
+    results = _results(tmp_path, {"t/a.py::test_p[body is a chain]": "passed"})
+    assert run.judge("9.9.9", "sync", "asyncsql", results, record=False)[1]
+    results = _results(tmp_path, {"t/a.py::test_p[body is a chain]": "failed"})
+    assert not run.judge("9.9.9", "sync", "asyncsql", results, record=False)[1]
