@@ -15,6 +15,7 @@ from .errors import NoRuntimeError as NoRuntimeError
 from .hooks import on_child_start as on_child_start
 from .hooks import on_child_stop as on_child_stop
 from .parent.pool import TaskPool as TaskPool
+from .publish import aapply_async as aapply_async
 from .registration import register as _register
 from .databases.standalone import bind as bind
 from .databases.standalone import open_databases as open_databases
@@ -27,6 +28,7 @@ __all__ = (
     "ConfigurationError",
     "NoRuntimeError",
     "TaskPool",
+    "aapply_async",
     "bind",
     "engine",
     "on_child_start",

@@ -29,6 +29,13 @@ from .errors import CompatibilityError
 # replaced ``run`` with a sync wrapper that calls it (celery/app/autoretry.py:33-66).
 AUTORETRY_BODY = "_orig_run"
 
+# Methods of a result backend (and of app.amqp) that the pool overrides on one
+# instance: see their entries in ``INTERNALS``.
+STORE_RESULT = "_store_result"
+BACKEND_SLEEP = "_sleep"
+CALL_ERRBACKS = "_call_task_errbacks"
+RETRY_PUBLISH = "_retry_publish"
+
 
 @dataclass(frozen=True)
 class Internal:
@@ -73,6 +80,21 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("celery.concurrency.prefork._run_ready_callbacks",
              "celery/concurrency/prefork.py:123",
              "runs the acks_late acks queued on a stopped hub, at warm shutdown"),
+    Internal("celery.backends.base.BaseKeyValueStoreBackend._store_result",
+             "celery/backends/base.py:1355-1377",
+             "a key-value backend's state write (read, then write): replaced on a Redis "
+             "backend's instance by one script call that never replaces a SUCCESS"),
+    Internal("celery.backends.base.Backend._get_result_meta", "celery/backends/base.py:770",
+             "the stored meta of a state (result_extended included), built as Celery does"),
+    Internal("celery.backends.base.Backend._sleep", "celery/backends/base.py:824",
+             "result_backend_always_retry's wait, replaced in a tracer by an awaited sleep"),
+    Internal("celery.backends.base.Backend._call_task_errbacks", "celery/backends/base.py:391",
+             "a failure's errbacks (publishes), run off the loop in a tracer"),
+    Internal("celery.backends.redis.RedisBackend._MAX_STR_VALUE_SIZE",
+             "celery/backends/redis.py:496", "the largest value Celery stores in Redis"),
+    Internal("celery.app.amqp.AMQP._retry_publish", "celery/app/amqp.py:299",
+             "the tracer's publish of link callbacks and the next chain step, run off "
+             "the loop in a tracer"),
     Internal("celery.local.Proxy._get_current_object", "celery/local.py:97",
              "the app behind celery.current_app, for session() outside a worker"),
     Internal("kombu.asynchronous.hub.Hub.fire_timers", "kombu/asynchronous/hub.py:195",
@@ -243,6 +265,19 @@ def rebuild_tracer(name: str, task: Any, app: Any, hostname: str) -> None:
     from celery.app.trace import build_tracer
 
     task.__trace__ = build_tracer(name, task, app.loader, hostname, app=app)
+
+
+def result_meta(backend: Any, result: Any, state: str, traceback: Any,
+                request: Any) -> dict[str, Any]:
+    """The meta Celery stores for a state, ``result_extended`` included."""
+    meta: dict[str, Any] = backend._get_result_meta(
+        result=result, state=state, traceback=traceback, request=request)
+    return meta
+
+
+def max_redis_value(backend: Any) -> int:
+    """The longest value Celery's Redis backend agrees to store."""
+    return int(backend._MAX_STR_VALUE_SIZE)
 
 
 def backend_class(url: str) -> tuple[Any, str | None]:

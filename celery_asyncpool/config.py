@@ -95,6 +95,12 @@ OPTIONS: tuple[Option, ...] = (
            "The event loop each child runs: asyncio's own, or uvloop's (pip install "
            "celery-asyncpool[uvloop]); docs/uvloop.md gives its measured effect.",
            lambda v: v in LOOPS),
+    Option("asyncsql_results_off_loop", True, "True or False",
+           "Keep Celery's own I/O in an async task's tracer off the child's loop: "
+           "states stored on a Redis backend in one redis.asyncio script call, chord "
+           "parts, link publishes and errbacks on a thread. False stores and publishes "
+           "synchronously on the loop, as Celery's code does (the benchmark's control).",
+           lambda v: isinstance(v, bool)),
 )
 KNOWN_KEYS = tuple(option.key for option in OPTIONS)
 
@@ -152,6 +158,7 @@ class Settings:
     loop_block_warning_s: float | None
     switch_interval_s: float | None
     loop: str = "asyncio"
+    results_off_loop: bool = True
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
@@ -173,6 +180,7 @@ class Settings:
             loop_block_warning_s=_seconds_or_none(values["asyncsql_loop_block_warning_s"]),
             switch_interval_s=_seconds_or_none(values["asyncsql_switch_interval_s"]),
             loop=_checked_loop(values["asyncsql_loop"]),
+            results_off_loop=values["asyncsql_results_off_loop"],
         )
 
     def layout(self, slots: int) -> tuple[int, int]:

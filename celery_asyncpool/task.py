@@ -18,8 +18,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Task, signals
+from celery.result import AsyncResult
 
-from . import context
+from . import context, publish
 from .child.bridge import async_tasks
 from .child.runtime import Runtime
 from .config import Settings
@@ -50,6 +51,22 @@ class AsyncTask(Task[Any, Any]):  # type: ignore[misc, unused-ignore]
         if inspect.iscoroutine(result) and self.request.is_eager:
             return eager_runtime(self.app).run(result)
         return result
+
+    async def aapply_async(self, args: Any = None, kwargs: Any = None,
+                           **options: Any) -> AsyncResult:
+        """``apply_async``, awaited: the publish runs on a thread, the loop keeps running."""
+        return await publish.aapply_async(self, args, kwargs, **options)
+
+    async def adelay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+        """``delay``, awaited: ``await task.adelay(1, 2)``."""
+        return await publish.aapply_async(self, args, kwargs)
+
+    async def aretry(self, *args: Any, **kwargs: Any) -> Any:
+        """``retry``, awaited: ``await self.aretry(exc=exc, countdown=5)`` raises ``Retry``.
+
+        The same arguments as ``retry``; the retry's publish runs on a thread.
+        """
+        return await publish.aretry(self, *args, **kwargs)
 
 
 _eager_lock = threading.Lock()

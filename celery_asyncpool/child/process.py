@@ -13,13 +13,13 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import _compat
+from .. import _compat, offload
 from ..config import Settings
 from ..databases.engines import Sizing, forget_inherited_loops
 from ..databases.fork import make_inherited_engines_safe
 from ..errors import ChildStartError
 from ..wire import BYE, UP, PipeEnd
-from . import leftovers
+from . import celery_io, leftovers
 from .bridge import install_bridges
 from .runtime import Runtime
 from .server import JobServer, ReportPipe
@@ -59,6 +59,8 @@ def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: i
                       own_thread=False)
     _compat.process_initializer(app, hostname)
     async_tasks = install_bridges(app, runtime, hostname)
+    if settings.results_off_loop:
+        runtime.closers.append(celery_io.install(app).aclose)
     try:
         runtime.open()
     except ChildStartError:
@@ -74,5 +76,6 @@ def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: i
         runtime.loop.run_until_complete(server.serve())
     finally:
         runtime.stop()
+        offload.shutdown()
         _compat.process_destructor(os.getpid(), 0)
     reports.send((BYE,))

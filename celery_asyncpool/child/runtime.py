@@ -18,7 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -88,6 +88,8 @@ class Runtime:
         self.sizing = sizing
         self.loop = new_event_loop(settings.loop)
         self.databases: Databases | None = None
+        # Awaited on the loop as it closes, after the jobs' leftovers and before the engines.
+        self.closers: list[Callable[[], Awaitable[None]]] = []
         self._thread = (threading.Thread(target=self._serve, name=name, daemon=True)
                         if own_thread else None)
 
@@ -151,6 +153,11 @@ class Runtime:
             leftover.cancel("the asyncsql child is stopping")
         if leftovers:
             await asyncio.wait(leftovers, timeout=self.settings.cancel_grace_s)
+        for close in self.closers:
+            try:
+                await asyncio.wait_for(close(), self.settings.cancel_grace_s)
+            except Exception:
+                logger.exception("Closing the asyncsql runtime: %r failed", close)
         if self.databases is not None:
             await asyncio.wait_for(self.databases.aclose(), self.settings.cancel_grace_s)
         await self.loop.shutdown_asyncgens()

@@ -8,6 +8,11 @@ as an asyncio Task of its own and switches back with its result or exception.
 Cancelling that Task (time limit, revoke, shutdown) hits the body alone, never
 the tracer's own result handling.
 
+The tracer's own I/O (storing the result, Celery's chord step, publishing
+links) is handed over the same way by ``await_io``, but as an ``IOWait``:
+``drive`` awaits it as is, so a cancel for a time limit or a revoke never
+interrupts a store half-written; it hits the body alone.
+
 The shape is SQLAlchemy's ``greenlet_spawn``/``await_``
 (sqlalchemy/util/concurrency.py), whose private helpers we do not import.
 """
@@ -17,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any, TypeVar
 
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
@@ -58,6 +63,15 @@ class Tracer(greenlet):  # type: ignore[misc]
             self.body.cancel(CANCEL_MESSAGES[reason])
 
 
+class IOWait:
+    """An awaitable of the tracer's own I/O, handed to ``drive`` by ``await_io``."""
+
+    __slots__ = ("coro",)
+
+    def __init__(self, coro: Awaitable[Any]) -> None:
+        self.coro = coro
+
+
 def in_tracer() -> bool:
     """Whether the caller runs in a ``Tracer``, where it must use ``await_body``."""
     return isinstance(getcurrent(), Tracer)
@@ -73,6 +87,9 @@ async def drive(tracer: Tracer, grace_s: float) -> Any:
     """
     request = tracer.switch()
     while not tracer.dead:
+        if isinstance(request, IOWait):
+            request = await _wait_for_io(tracer, request.coro)
+            continue
         coro, context = request
         left = leftovers.watch(context)
         body = tracer.body = asyncio.get_running_loop().create_task(coro, context=context)
@@ -107,6 +124,23 @@ def await_body(coro: Coroutine[Any, Any, T]) -> T:
         TaskCancelledError: it was cancelled by something other than the pool.
     """
     return getcurrent().parent.switch((coro, caller_context()))  # type: ignore[no-any-return]
+
+
+def await_io(coro: Awaitable[T]) -> T:
+    """Wait, in a ``Tracer``, for ``coro`` on the loop: the tracer's own I/O, never cancelled.
+
+    Its result or exception is the tracer's, unchanged.
+    """
+    return getcurrent().parent.switch(IOWait(coro))  # type: ignore[no-any-return]
+
+
+async def _wait_for_io(tracer: Tracer, coro: Awaitable[Any]) -> Any:
+    """Run ``coro``, then switch its outcome back into ``tracer``; return its next request."""
+    try:
+        value = await coro
+    except BaseException as error:
+        return tracer.throw(type(error), error, error.__traceback__)
+    return tracer.switch(value)
 
 
 def _as_seen_by_tracer(reason: str | None, error: BaseException | None) -> BaseException | None:

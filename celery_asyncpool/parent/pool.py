@@ -20,7 +20,7 @@ from billiard import get_context
 from celery.concurrency.base import BasePool
 from kombu.asynchronous import get_event_loop
 
-from .. import _compat
+from .. import _compat, results
 from ..child.process import child_entry
 from ..config import Settings
 from ..databases.budget import connection_budget, describe, most_children
@@ -84,6 +84,10 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
             # As prefork does for spawn: Celery keys a fresh interpreter's set-up (how
             # @app.task binds, the fast tracer's registry) off this variable.
             os.environ["FORKED_BY_MULTIPROCESSING"] = "1"
+        if self.settings.results_off_loop:
+            # The states this parent writes (REVOKED, a hard limit's, a lost worker's) never
+            # replace a SUCCESS a child stored; the children inherit it.
+            results.install(self.app.backend)
         self._hub = None if self.options.get("threads", True) else get_event_loop()
         self._driver = self._hub if self._hub is not None else LoopDriver()
         self._supervisor = Supervisor(

@@ -229,3 +229,35 @@ def worker_factory(tmp_path: Path):
     def factory(**kwargs):
         return run_worker(tmp_path, **kwargs)
     return factory
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """A ``redis-server`` of the test's own on a free port, stopped by its PID: its URL.
+
+    For figures the machine's shared Redis would blur (``INFO commandstats``).
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except FileNotFoundError:
+        pytest.fail("redis-server is not installed: the test starts a Redis of its own",
+                    pytrace=False)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        eventually(lambda: _pings(url), 10, f"redis-server on port {port}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
