@@ -48,14 +48,15 @@ class Account:
                 str(len(self.missing)))
 
 
-def stored(task_ids: list[str], backend: DatabaseBackend | None = None) -> dict[str, dict]:
+def stored(task_ids: list[str], backend: DatabaseBackend | None = None,
+           redis_url: str = BACKEND_URL) -> dict[str, dict]:
     """The result metadata the Redis result backend holds for ``task_ids`` (absent: not stored).
 
     Given ``backend``, Celery's database result backend, what that one holds.
     """
     if backend is not None:
         return stored_in(backend, task_ids)
-    client = redis.Redis.from_url(BACKEND_URL)
+    client = redis.Redis.from_url(redis_url)
     found: dict[str, dict] = {}
     try:
         for start in range(0, len(task_ids), 1000):
@@ -101,11 +102,12 @@ def effects(run: str) -> Counter[str]:
 
 
 def wait_settled(task_ids: list[str], timeout_s: float,
-                 backend: DatabaseBackend | None = None) -> dict[str, dict]:
+                 backend: DatabaseBackend | None = None,
+                 redis_url: str = BACKEND_URL) -> dict[str, dict]:
     """Poll the backend until every task has a terminal state or ``timeout_s`` passes."""
     deadline = time.monotonic() + timeout_s
     while True:
-        metas = stored(task_ids, backend)
+        metas = stored(task_ids, backend, redis_url)
         settled = sum(1 for meta in metas.values() if meta["status"] in TERMINAL)
         if settled == len(task_ids) or time.monotonic() > deadline:
             return metas
@@ -113,16 +115,16 @@ def wait_settled(task_ids: list[str], timeout_s: float,
 
 
 def settle(fault: str, task_ids: Iterable[str], *, run: str | None, timeout_s: float = 120,
-           backend: DatabaseBackend | None = None) -> Account:
+           backend: DatabaseBackend | None = None, redis_url: str = BACKEND_URL) -> Account:
     """Wait for every task's outcome, then account for each; the account is also reported.
 
     ``run`` names the ledger rows of tasks that write an effect; None for tasks
     that write none, which are then accounted by their stored state alone.
-    Outcomes are read from the Redis result backend (``BACKEND_URL``), or from
+    Outcomes are read from the Redis result backend (``redis_url``), or from
     Celery's database result backend ``backend`` when given.
     """
     task_ids = list(task_ids)
-    metas = wait_settled(task_ids, timeout_s, backend)
+    metas = wait_settled(task_ids, timeout_s, backend, redis_url)
     counts = effects(run) if run is not None else None
     account = Account(fault, len(task_ids))
     for task_id in task_ids:
