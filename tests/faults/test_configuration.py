@@ -25,6 +25,7 @@ WRONG = {  # one wrong type or range for every setting; a new setting must be ad
     "asyncsql_loop_block_warning_s": "1",
     "asyncsql_switch_interval_s": 0,
     "asyncsql_loop": "trio",
+    "asyncsql_results_off_loop": "yes",
 }
 EXPECTED = {option.key: option.expected for option in OPTIONS}
 OTHER_MISTAKES = [
