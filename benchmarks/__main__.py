@@ -12,6 +12,7 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     print((args.out / "results.md").read_text())
 
 
-def _measure(scenario: Scenario, round_: int, counts: dict[str, int], logs: Path) -> list[Batch]:
+def _measure(scenario: Scenario, round_: int, counts: dict[str, int], logs: Path,
+             commands: Callable[[], dict[str, int]] | None = None) -> list[Batch]:
+    """One batch per workload of ``scenario``; ``commands`` counts what a Redis ran in each."""
     batches = []
     with running_worker(scenario, round_, logs) as worker:
         for workload in scenario.workloads:
@@ -62,7 +65,10 @@ def _measure(scenario: Scenario, round_: int, counts: dict[str, int], logs: Path
             # At least 10 tasks per slot: a batch must be long next to the time
             # a worker with many slots takes to fill them.
             count = max(counts[workload], 10 * scenario.concurrency)
+            before = commands() if commands else {}
             batch = worker.run_batch(workload, count, round_, timeout_s=60 + count / 5)
+            if commands:
+                batch.commands = {k: v - before.get(k, 0) for k, v in commands().items()}
             print(f"round {round_} {scenario.name:>13} {workload:>5}: "
                   f"{batch.throughput:7.0f} tasks/s, {batch.failures} failed, "
                   f"{batch.peak_connections} PG conns, {batch.cpu_ms_per_task:.2f} CPU ms/task",

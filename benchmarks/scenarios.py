@@ -19,6 +19,7 @@ class Scenario:
     app: str  # module under benchmarks.apps
     workloads: tuple[str, ...]
     summary: str
+    env: tuple[tuple[str, str], ...] = ()  # for the worker (and where it publishes)
 
 
 SCENARIOS = (

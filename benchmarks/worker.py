@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -43,6 +43,8 @@ class Batch:
     peak_connections: int
     peak_pss_mb: float
     cpu_ms_per_task: float
+    # Commands the Redis server ran during the batch, where the run counts them.
+    commands: dict[str, int] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -59,12 +61,12 @@ def running_worker(scenario: Scenario, round_: int, logs: Path) -> Iterator[Work
                "-P", scenario.pool, "-c", str(scenario.concurrency), "-Q", queue,
                "-n", f"{scenario.name}-{round_}@%h", "-l", "warning",
                "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **dict(scenario.env)}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield Worker(scenario, queue, process, log_path)
+        yield Worker(scenario, queue, process, log_path, env.get("BENCH_BROKER", BROKER_URL))
     finally:
         stop_worker(process)
 
@@ -81,13 +83,14 @@ def stop_worker(process: subprocess.Popen[bytes]) -> None:
 
 class Worker:
     def __init__(self, scenario: Scenario, queue: str, process: subprocess.Popen[bytes],
-                 log_path: Path) -> None:
+                 log_path: Path, broker: str = BROKER_URL) -> None:
         self.scenario = scenario
         self.queue = queue
         self.process = process
         self.log_path = log_path
-        self.app = Celery("bench_client", broker=BROKER_URL, backend=BACKEND_URL)
+        self.app = Celery("bench_client", broker=broker, backend=BACKEND_URL)
         self.app.conf.broker_connection_retry_on_startup = True
+        # Read directly, even where the worker's backend is behind the benchmark's proxy.
         self.results = redis.Redis.from_url(BACKEND_URL)
         self._next_user = 0
 

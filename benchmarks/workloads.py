@@ -6,6 +6,10 @@ database differs.
 
 from __future__ import annotations
 
+import asyncio
+import statistics
+import time
+
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, selectinload
@@ -50,3 +54,22 @@ def orm_sync(session: Session, user_id: int) -> int:
 
 def io_sync(session: Session) -> None:
     session.execute(IO)
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Median, 99th percentile and maximum of ``samples``, and their count."""
+    ordered = sorted(samples)
+    return {"n": len(ordered), "p50": statistics.median(ordered),
+            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+            "max": ordered[-1]}
+
+
+async def timer_lags(seconds: float, interval_s: float) -> dict[str, float]:
+    """How late the running loop wakes a timer due every ``interval_s``, for ``seconds``."""
+    lags = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        due = time.monotonic() + interval_s
+        await asyncio.sleep(interval_s)
+        lags.append(time.monotonic() - due)
+    return summary(lags)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import statistics
 import sys
 import time
 
@@ -18,6 +17,8 @@ from sqlalchemy import text
 
 from celery_asyncpool import session
 
+from .. import workloads
+from ..workloads import summary
 from . import make_app
 
 DATABASE_URL = os.environ.get("LOOP_DATABASE_URL",
@@ -35,14 +36,6 @@ def _switch_interval(**_: object) -> None:
         sys.setswitchinterval(float(interval))
 
 
-def summary(samples: list[float]) -> dict[str, float]:
-    """Median, 99th percentile and maximum of ``samples``, and their count."""
-    ordered = sorted(samples)
-    return {"n": len(ordered), "p50": statistics.median(ordered),
-            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-            "max": ordered[-1]}
-
-
 @app.task(name="loop.burn")
 def burn(seconds: float) -> int:
     """Pure-Python CPU work on the child's sync thread for ``seconds``: it holds the GIL."""
@@ -57,13 +50,7 @@ def burn(seconds: float) -> int:
 @app.task(name="loop.probe")
 async def probe(seconds: float, interval_s: float) -> dict[str, float]:
     """How late the loop runs a timer due every ``interval_s``, for ``seconds``."""
-    lags = []
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        due = time.monotonic() + interval_s
-        await asyncio.sleep(interval_s)
-        lags.append(time.monotonic() - due)
-    return summary(lags)
+    return await workloads.timer_lags(seconds, interval_s)
 
 
 @app.task(name="loop.queries")

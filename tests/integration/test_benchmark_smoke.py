@@ -51,3 +51,22 @@ def test_loop_lag_measurement_runs_and_prints_its_figures():
     assert "publish from a coroutine: first call" in done.stdout, done.stdout
     lag = [line for line in done.stdout.splitlines() if line.startswith("| SELECT 1 per second")]
     assert lag and float(lag[0].split("|")[-2].strip().rstrip("x")) > 0, done.stdout
+
+
+def test_remote_benchmark_runs_and_counts_one_script_call_per_result(tmp_path):
+    """``benchmarks.remote`` end to end, one short round: every scenario, the command counts."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.remote", "--rounds", "1", "--tasks", "12",
+         "--lag-seconds", "0.5", "--out", str(tmp_path)], cwd=ROOT,
+        env={**os.environ, **SMOKE_ENV}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    report = json.loads((tmp_path / "remote.json").read_text())
+    assert 0.5 < report["proxy_rtt_ms"] < 10, report["proxy_rtt_ms"]
+    for row in report["rows"]:
+        assert row["failures"] == 0 and row["throughput"] > 0, row
+    per_task = report["commands_per_task"]
+    assert (per_task["far"]["evalsha"], per_task["far"]["get"]) == (1.0, 0.0), per_task
+    assert (per_task["far-sync"]["evalsha"], per_task["far-sync"]["get"]) == (0.0, 1.0)
+    assert set(report["timer_lag"]) == {"lag", "lag+stores", "lag-sync", "lag-sync+stores"}
+    assert "| tasks/s: far io vs near io |" in (tmp_path / "remote.md").read_text()
+    assert (tmp_path / "remote.png").read_bytes().startswith(b"\x89PNG")
