@@ -26,6 +26,7 @@ tracer the write is awaited on the child's loop through ``redis.asyncio``
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import ssl
@@ -153,20 +154,23 @@ class ResultStore:
 class AsyncWriter:
     """``ResultStore``'s writes through ``redis.asyncio`` on one loop, with Celery's retry policy.
 
-    Its client is made on that loop at the first write, with the backend's
-    connection settings, and closed by ``aclose`` with the loop.
+    The writes a loop iteration asks for go out together, as one pipeline of
+    script calls (a lone write as a plain call): a child with many tasks
+    finishing at once pays one round trip and one system call for all of them,
+    not one each. Its client is made on that loop at the first write, with the
+    backend's connection settings, and closed by ``aclose`` with the loop.
     """
 
     def __init__(self, store: ResultStore) -> None:
         self.store = store
         self._client: redis.asyncio.Redis | None = None
-        self._scripts: tuple[Any, Any] | None = None
+        self._shas = (_sha(STORE), _sha(SWAP))
+        # The writes waiting for this iteration's leader to send them; None: no leader yet.
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] | None = None
 
     def client(self) -> redis.asyncio.Redis:
         if self._client is None:
             self._client = async_client(self.store.backend)
-            self._scripts = (self._client.register_script(STORE),
-                             self._client.register_script(SWAP))
         return self._client
 
     async def write(self, key: str, value: Any, ttl: int) -> None:
@@ -185,22 +189,84 @@ class AsyncWriter:
                                                                 retries))
 
     async def _write(self, key: str, value: Any, ttl: int) -> None:
-        self.client()
-        assert self._scripts is not None
-        store, swap = self._scripts
         judge = self.store.judge
-        reply = await store(keys=[key], args=[value, ttl, judge])
+        reply = await self._call(0, key, value, ttl, judge)
         while reply not in (STORED, KEPT):
             if self.store.stored_success(reply):
                 return
-            reply = await swap(keys=[key], args=[value, ttl, reply])
+            reply = await self._call(1, key, value, ttl, reply)
             if reply is None:
-                reply = await store(keys=[key], args=[value, ttl, judge])
+                reply = await self._call(0, key, value, ttl, judge)
+
+    async def _call(self, script: int, key: str, *args: Any) -> Any:
+        """Script ``script`` (0: STORE, 1: SWAP) on ``key``, sent with this iteration's others.
+
+        The first caller of an iteration leads: it lets the iteration's other
+        writes join, then sends them all and hands each its reply.
+        """
+        call = (script, key, *args)
+        if self._pending is not None:
+            reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._pending.append((call, reply))
+            return await reply
+        batch = self._pending = []
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:  # the loop is closing: the others are still sent
+            self._pending = None
+            asyncio.ensure_future(self._flush(batch))
+            raise
+        self._pending = None
+        if not batch:
+            return await self._send_one(call)
+        reply = asyncio.get_running_loop().create_future()
+        await self._flush([(call, reply), *batch])
+        return reply.result()
+
+    async def _send_one(self, call: tuple[Any, ...]) -> Any:
+        script, key, *args = call
+        try:
+            return await self.client().evalsha(self._shas[script], 1, key, *args)
+        except redis.exceptions.NoScriptError:
+            await self._load_scripts()  # a flushed or restarted server: once more
+            return await self.client().evalsha(self._shas[script], 1, key, *args)
+
+    async def _flush(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        """Send ``batch`` as one pipeline; each reply (or error) goes to its caller."""
+        try:
+            replies = await self._pipeline([call for call, _ in batch])
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                await self._load_scripts()  # a flushed or restarted server: once more
+                replies = await self._pipeline([call for call, _ in batch])
+        except Exception as exc:  # the whole pipeline failed: every caller retries
+            replies = [exc] * len(batch)
+        for (_, reply), value in zip(batch, replies):
+            if reply.done():
+                continue
+            if isinstance(value, Exception):
+                reply.set_exception(value)
+            else:
+                reply.set_result(value)
+
+    async def _pipeline(self, calls: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.client().pipeline(transaction=False)
+        for script, key, *args in calls:
+            pipe.execute_command("EVALSHA", self._shas[script], 1, key, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def _load_scripts(self) -> None:
+        for source in (STORE, SWAP):
+            await self.client().script_load(source)
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose(close_connection_pool=True)
+
+
+def _sha(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()
 
 
 def lifetime(backend: Any, state: str) -> int:

@@ -308,3 +308,31 @@ def test_a_flushed_script_is_loaded_again():
         redis.Redis.from_url(url).script_flush()
         backend.store_result(second, 2, states.SUCCESS)
         assert [backend.get_task_meta(i)["result"] for i in (first, second)] == [1, 2]
+
+
+def test_writes_made_at_once_on_a_loop_go_out_as_one_pipeline_on_one_connection():
+    """Fifty tasks finishing in one loop iteration: one connection, and a flushed script reloaded."""
+    with redis_server() as url:
+        backend = _backend(url, "json", None)
+        store = results.install(backend)
+        writer = results.AsyncWriter(store)
+        server = redis.Redis.from_url(url)
+        meta = [backend.encode({"status": states.SUCCESS, "result": i, "task_id": str(i)})
+                for i in range(100)]
+
+        async def write_all(numbers):
+            await asyncio.gather(*(writer.write(f"celery-task-meta-{i}", meta[i], 0)
+                                   for i in numbers))
+
+        async def main():
+            before = server.info("stats")["total_connections_received"]
+            await write_all(range(50))
+            opened = server.info("stats")["total_connections_received"] - before
+            server.script_flush()
+            await write_all(range(50, 100))
+            await writer.write("celery-task-meta-0", backend.encode({"status": "FAILURE"}), 0)
+            await writer.aclose()
+            return opened
+
+        assert asyncio.run(main()) == 1
+        assert [backend.get_task_meta(str(i))["result"] for i in range(100)] == list(range(100))
