@@ -58,8 +58,8 @@ def test_sentinel_reaches_the_master_its_transport_options_name():
     assert pool.connection_kwargs["db"] == backend.connparams["db"]  # as Celery's client
 
 
-def test_only_redis_backends_get_the_store():
-    assert results.install(_backend("db+sqlite:///results.db")) is None
+def test_only_redis_backends_get_the_store(tmp_path):
+    assert results.install(_backend(f"db+sqlite:///{tmp_path / 'results.db'}")) is None
     redis_backend = _backend("redis://localhost/0")
     store = results.install(redis_backend)
     assert isinstance(store, results.ResultStore)
