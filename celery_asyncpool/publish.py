@@ -24,7 +24,7 @@ from . import offload
 
 
 async def aapply_async(target: Signature | Task[Any, Any], args: Any = None,
-                       kwargs: Any = None, **options: Any) -> AsyncResult:
+                       kwargs: Any = None, **options: Any) -> AsyncResult[Any]:
     """``target.apply_async(args, kwargs, **options)``, awaited: a task, a signature or a canvas.
 
     Raises:
@@ -33,11 +33,11 @@ async def aapply_async(target: Signature | Task[Any, Any], args: Any = None,
         has refused for Celery's whole retry policy), in the awaiting coroutine.
     """
     if isinstance(target, Signature):
-        result: AsyncResult = await offload.call(target.apply_async, args or (), kwargs or {},
-                                                 **options)
+        result: AsyncResult[Any] = await offload.call(target.apply_async, args or (),
+                                                      kwargs or {}, **options)
         return result
     if isinstance(target, Task):
-        sent: AsyncResult = await offload.call(target.apply_async, args, kwargs, **options)
+        sent: AsyncResult[Any] = await offload.call(target.apply_async, args, kwargs, **options)
         return sent
     raise TypeError(f"aapply_async() sends a task or a signature (chain, group, chord...), "
                     f"not {type(target).__name__}")

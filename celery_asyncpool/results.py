@@ -123,8 +123,8 @@ class ResultStore:
         meta["task_id"] = _text(task_id)
         value = backend.encode(meta)
         if len(value) > _compat.max_redis_value(backend):
-            raise BackendStoreError("value too large for Redis backend", state=state,
-                                    task_id=task_id)
+            raise BackendStoreError(  # type: ignore[call-arg, unused-ignore]
+                "value too large for Redis backend", state=state, task_id=task_id)
         key = _text(backend.get_key_for_task(task_id))
         ttl = lifetime(backend, state)
         if self.writer is not None and self.in_tracer():
@@ -282,7 +282,8 @@ def retry_intervals(policy: dict[str, Any]) -> Any:
     start = policy.get("interval_start", 2)
     step = policy.get("interval_step", 2)
     most = float(policy.get("interval_max", 30))
-    waits = fxrange(start, most + start, step, repeatlast=True)  # type: ignore[no-untyped-call]
+    waits = fxrange(  # type: ignore[no-untyped-call, unused-ignore]
+        start, most + start, step, repeatlast=True)
     return (min(value, most) for value in waits)
 
 

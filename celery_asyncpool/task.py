@@ -53,11 +53,11 @@ class AsyncTask(Task[Any, Any]):  # type: ignore[misc, unused-ignore]
         return result
 
     async def aapply_async(self, args: Any = None, kwargs: Any = None,
-                           **options: Any) -> AsyncResult:
+                           **options: Any) -> AsyncResult[Any]:
         """``apply_async``, awaited: the publish runs on a thread, the loop keeps running."""
         return await publish.aapply_async(self, args, kwargs, **options)
 
-    async def adelay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+    async def adelay(self, *args: Any, **kwargs: Any) -> AsyncResult[Any]:
         """``delay``, awaited: ``await task.adelay(1, 2)``."""
         return await publish.aapply_async(self, args, kwargs)
 
