@@ -176,15 +176,16 @@ class AsyncWriter:
     async def write(self, key: str, value: Any, ttl: int) -> None:
         """Write as ``ResultStore._write`` does, retrying as Celery's ``backend.ensure``."""
         backend = self.store.backend
-        policy = backend.retry_policy
-        max_retries = policy.get("max_retries")
-        intervals = retry_intervals(policy)
+        intervals = None  # the retry policy is read only once a write has failed
         for retries in itertools.count():
             try:
                 return await self._write(key, value, ttl)
             except backend.connection_errors as exc:
+                policy = backend.retry_policy
+                max_retries = policy.get("max_retries")
                 if max_retries is not None and retries >= max_retries:
                     raise
+                intervals = intervals or retry_intervals(policy)
                 await asyncio.sleep(backend.on_connection_error(max_retries, exc, intervals,
                                                                 retries))
 

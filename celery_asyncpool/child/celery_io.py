@@ -57,13 +57,14 @@ def install(app: Celery) -> CeleryIO:
     writer = None
     store = results.install(backend)
     if store is not None:
+        candidate = results.AsyncWriter(store)
         try:
-            results.async_client(backend)  # made here only to fail early on an odd set-up
+            candidate.client()  # made now, connected at the first write: odd set-ups fail here
         except ValueError as exc:
             logger.warning("Results are stored with Celery's own Redis client, off the "
                            "loop: %s.", exc)
         else:
-            writer = store.writer = results.AsyncWriter(store)
+            writer = store.writer = candidate
             store.in_tracer, store.await_io = tracer.in_tracer, tracer.await_io
         results.sleep_in(backend, tracer.in_tracer, tracer.await_io)
     for name in OFF_LOOP:
