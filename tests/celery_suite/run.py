@@ -32,8 +32,9 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import celery
 
@@ -87,21 +88,31 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _exit(message: str) -> NoReturn:
+    sys.exit(f"celery-suite: {message}")
+
+
 @contextlib.contextmanager
-def redis_server() -> Iterator[int]:
-    """A Redis server of this pass's own, on a free port; stopped by its PID."""
+def redis_server(fail: Callable[[str], NoReturn] = _exit) -> Iterator[int]:
+    """A Redis server of the caller's own, on a free port; stopped by its PID.
+
+    Used by each pass here and by our own tests; ``fail`` reports a server that
+    cannot start (exit here, ``pytest.fail`` in a test).
+    """
     port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    except FileNotFoundError:
+        fail("redis-server is not on PATH: a Redis server of its own is started here")
     try:
         deadline = time.monotonic() + 10
         while True:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
                 break
             if server.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"celery-suite: redis-server did not start on port {port}; Redis "
-                         "(redis-server on PATH) is needed for Celery's suite.")
+                fail(f"redis-server did not start on port {port}")
             time.sleep(0.05)
         yield port
     finally:

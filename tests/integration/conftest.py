@@ -237,27 +237,7 @@ def redis_server() -> Iterator[str]:
 
     For figures the machine's shared Redis would blur (``INFO commandstats``).
     """
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    try:
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except FileNotFoundError:
-        pytest.fail("redis-server is not installed: the test starts a Redis of its own",
-                    pytrace=False)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        eventually(lambda: _pings(url), 10, f"redis-server on port {port}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    from tests.celery_suite.run import redis_server as own_server
 
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
+    with own_server(fail=lambda message: pytest.fail(message, pytrace=False)) as port:
+        yield f"redis://127.0.0.1:{port}/0"
