@@ -99,6 +99,29 @@ INTERNALS: tuple[Internal, ...] = (
              "the app behind celery.current_app, for session() outside a worker"),
     Internal("kombu.asynchronous.hub.Hub.fire_timers", "kombu/asynchronous/hub.py:195",
              "runs the stopped hub's timers (heartbeats) while the pool drains"),
+    Internal("kombu.transport.redis.Channel._brpop_start", "kombu/transport/redis.py:1459",
+             "how the Redis poller asks for messages: the broker transport sends its fetch "
+             "script or its wake-up BRPOP there"),
+    Internal("kombu.transport.redis.Channel._brpop_read", "kombu/transport/redis.py:1476",
+             "how the Redis poller reads them (its handlers['BRPOP']): the transport reads "
+             "a batch there"),
+    Internal("kombu.transport.redis.Channel._in_poll", "kombu/transport/redis.py:1051,1467",
+             "the connection a reply is pending on, which the poller waits for"),
+    Internal("kombu.transport.redis.Channel._brpop_sent_at", "kombu/transport/redis.py:1052",
+             "when the pending request went out: the poller's stale-connection check"),
+    Internal("kombu.transport.redis.Channel._flush_brpop_reauth", "kombu/transport/redis.py:1563",
+             "sends a pending re-auth token once the poll connection is idle"),
+    Internal("kombu.transport.redis.Channel._update_queue_cycle",
+             "kombu/transport/redis.py:1183,2114",
+             "keeps the instance's _queue_cycle, the consumer's queue order "
+             "(queue_order_strategy), which the transport consumes and rotates"),
+    Internal("kombu.transport.redis.Channel._q_for_pri", "kombu/transport/redis.py:1665",
+             "the key of a queue's priority step"),
+    Internal("kombu.transport.redis.Channel._closing", "kombu/transport/redis.py:1042,1891",
+             "set while the channel closes: a batch read then is restored, not delivered"),
+    Internal("kombu.transport.virtual.base.Transport._deliver",
+             "kombu/transport/virtual/base.py:1045",
+             "hands a fetched message to the channel's consumer callback"),
     Internal("billiard.reduction.DupFd", "billiard/reduction.py:227",
              "hands a pipe end to a spawned child"),
     Internal("billiard.pool.MaybeEncodingError", "billiard/pool.py:207",
@@ -327,6 +350,58 @@ def current_app() -> Any:
     from celery import current_app as proxy
 
     return getattr(proxy, "_get_current_object")()  # not in celery-types' stubs
+
+
+# --- kombu's Redis transport ----------------------------------------------------------------
+
+def bind_redis_poll(channel_class: type, start: Callable[..., None],
+                    read: Callable[..., Any]) -> None:
+    """Make ``start`` and ``read`` how kombu's Redis poller asks for and reads messages.
+
+    The poller calls ``_brpop_start`` when the channel may consume and nothing
+    is pending, and ``_brpop_read`` (``handlers['BRPOP']``) when the reply is
+    readable.
+    """
+    setattr(channel_class, "_brpop_start", start)
+    setattr(channel_class, "_brpop_read", read)
+
+
+def mark_poll_sent(channel: Any, connection: Any, sent_at: float) -> None:
+    """Tell kombu's poller a reply is pending on ``connection`` since ``sent_at``."""
+    channel._in_poll = connection
+    channel._brpop_sent_at = sent_at
+
+
+def poll_done(channel: Any) -> None:
+    """Tell kombu's poller the reply was read, and let it re-authenticate if it must."""
+    channel._in_poll = None
+    channel._flush_brpop_reauth()
+
+
+def poll_pending(channel: Any) -> bool:
+    """Whether a reply kombu's poller waits for is still unread."""
+    return bool(channel._in_poll)
+
+
+def queue_cycle(channel: Any) -> Any:
+    """The channel's queue order (``queue_order_strategy``): ``consume(n)``, ``rotate(q)``."""
+    return channel._queue_cycle
+
+
+def queue_key(channel: Any, queue: str, priority: int) -> str:
+    """The Redis list of ``queue``'s priority step ``priority`` (without the global prefix)."""
+    key: str = channel._q_for_pri(queue, priority)
+    return key
+
+
+def channel_closing(channel: Any) -> bool:
+    """Whether the channel is closing (``Channel.close`` reads the last reply then)."""
+    return bool(channel._closing)
+
+
+def deliver(channel: Any, payload: dict[str, Any], queue: str) -> None:
+    """Hand a fetched message to the consumer callback of ``queue``, as kombu's poller does."""
+    channel.connection._deliver(payload, queue)
 
 
 # --- billiard ------------------------------------------------------------------------------

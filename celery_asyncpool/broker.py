@@ -1,0 +1,293 @@
+"""A Redis broker transport that fetches a batch per round trip and acks a pass at once.
+
+Opt in with ``broker_transport = "celery_asyncpool.broker:Transport"`` (or
+``SentinelTransport`` for a ``sentinel://`` URL); ``broker_url`` stays as it
+is. It is kombu's Redis transport, messages, keys and all, with three changes
+where the worker's parent spends its time and its losses:
+
+- Fetch: while messages wait, one ``FETCH`` script call (``broker_scripts``)
+  takes up to the free prefetch window (at most ``fetch_limit``, a transport
+  option, default 100) and records each in kombu's unacked hash and index in the
+  same atomic step. Stock kombu pops one message per ``BRPOP``, then records it
+  in a second round trip: a worker killed between the two loses it.
+- Wait: a script cannot block, so once a fetch comes back short the channel
+  waits with kombu's ``BRPOP`` (server-side timeout, no busy loop) and hands
+  the message it returns to the next ``FETCH`` call, which records it and takes
+  whatever else arrived. That popped message has stock kombu's loss window,
+  one round trip long; every other message has none.
+- Ack: acks and rejects issued during one pass of the worker's hub go out in
+  one ``ACK`` script call at the start of the next pass, and only remove an
+  unacked entry that still carries this worker's score, so a late ack cannot
+  drop the record of a copy redelivered elsewhere after ``visibility_timeout``.
+
+A payload that is not a kombu message (not JSON, or no delivery tag) is moved
+to ``_asyncsql.dead_letter.<queue>`` and logged with the queue and the key;
+stock kombu pops it and loses it on the decode error.
+"""
+
+# kombu's Redis transport, which this module subclasses, has no annotations.
+# mypy: allow-untyped-calls
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from queue import Empty
+from typing import Any, cast
+
+import redis
+from kombu.asynchronous import get_event_loop
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+
+from . import _compat
+from .broker_scripts import ACK, FETCH
+
+logger = logging.getLogger(__name__)
+
+DEAD_LETTER = "_asyncsql.dead_letter.{queue}"
+
+
+class BatchQoS(kombu_redis.QoS):
+    """kombu's Redis QoS whose acks and rejects go out once per hub pass."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: delivery tag -> the index score recorded for it ('' where kombu recorded it)
+        self.recorded: dict[str, str] = {}
+        self._acks: list[tuple[str, str]] = []
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if delivery_tag in self.recorded:  # the fetch script recorded it already
+            virtual.QoS.append(self, message, delivery_tag)
+        else:  # basic_get and the like: kombu's own way
+            super().append(message, delivery_tag)
+            self.recorded[delivery_tag] = ""
+
+    def ack(self, delivery_tag: str) -> None:
+        self._queue_ack(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:
+            self.flush_acks()
+            self.recorded.pop(delivery_tag, None)
+            super().reject(delivery_tag, requeue=True)
+        else:
+            self.ack(delivery_tag)
+
+    def _queue_ack(self, delivery_tag: str) -> None:
+        self._acks.append((delivery_tag, self.recorded.pop(delivery_tag, "")))
+        hub = get_event_loop()
+        if hub is None:
+            self.flush_acks()
+        elif len(self._acks) == 1:
+            hub.call_soon(self.flush_acks)
+
+    def flush_acks(self) -> None:
+        """Send the acks queued since the last flush, in one script call."""
+        acks, self._acks = self._acks, []
+        if acks:
+            channel: Any = self.channel
+            channel.run_script(ACK, [channel.unacked_key, channel.unacked_index_key],
+                               [part for ack in acks for part in ack])
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel with batched fetches and acks."""
+
+    QoS = BatchQoS
+    fetch_limit = 100
+    from_transport_options: tuple[str, ...] = (  # type: ignore[assignment, unused-ignore]
+        *kombu_redis.Channel.from_transport_options, "fetch_limit")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wake = False  # the last fetch came back short: wait with BRPOP
+        self._popped: tuple[str, bytes] | None = None  # (key, payload) BRPOP returned
+        self._pending: tuple[str, list[str], float, int] | None = None  # kind, keys, score, n
+        self._shas: dict[str, str] = {}
+
+    @property
+    def batch_qos(self) -> BatchQoS:
+        return cast(BatchQoS, self.qos)
+
+    @property
+    def lost_connection(self) -> tuple[type[BaseException], ...]:
+        """The errors of a lost connection, which kombu sets on the channel."""
+        errors: tuple[type[BaseException], ...] = cast(Any, self).connection_errors
+        return errors
+
+    # -- asking for messages ----------------------------------------------------------
+
+    def start_poll(self, timeout: float | None = None) -> None:
+        """Send a fetch (or, after a short one, a blocking wake-up) on the poll connection."""
+        queues = _compat.queue_cycle(self).consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = [_compat.queue_key(self, queue, step) for step in self.priority_steps
+                for queue in queues]
+        connection = self.client.connection
+        score = time.time()
+        if self._popped is not None and self._popped[0] not in keys:
+            self._put_back()  # its queue is no longer consumed
+        if self._wake and self._popped is None:
+            timeout = self.brpop_timeout if timeout is None else timeout
+            connection.send_command("BRPOP", *self._prefixed(keys), timeout or 0)
+            self._pending = ("BRPOP", keys, score, 1)
+        else:
+            count = self.batch_size()
+            connection.send_command("EVALSHA", self._sha(FETCH),
+                                    *self._fetch_args(queues, keys, score, count))
+            self._pending = ("FETCH", keys, score, count)
+        _compat.mark_poll_sent(self, connection, time.monotonic())
+
+    def _fetch_args(self, queues: list[str], keys: list[str], score: float,
+                    count: int) -> list[Any]:
+        dead = [DEAD_LETTER.format(queue=queue) for queue in queues]
+        all_keys = self._prefixed([self.unacked_key, self.unacked_index_key, *keys, *dead])
+        args: list[Any] = [len(all_keys), *all_keys, count, repr(score),
+                           len(queues)]
+        if self._popped is not None:
+            key, payload = self._popped
+            args += [keys.index(key) + 3, payload]
+        return args
+
+    def batch_size(self) -> int:
+        """How many messages the consumer may take now, at most ``fetch_limit``."""
+        if "can_consume" in vars(self.qos):
+            # Celery's worker_disable_prefetch replaces the instance's can_consume
+            # with a check of the pool's free slots: take one message at a time.
+            return 1
+        free = self.batch_qos.can_consume_max_estimate()
+        return self.fetch_limit if free is None else max(1, min(free, self.fetch_limit))
+
+    # -- reading them -----------------------------------------------------------------
+
+    def read_poll(self, **options: Any) -> bool:
+        """Read the pending reply: deliver a batch, or keep what the wake-up popped."""
+        pending, self._pending = self._pending, None
+        try:
+            if pending is None:  # kombu's close() reads even when nothing was sent
+                raise Empty()
+            kind, keys, score, count = pending
+            try:
+                reply = self.client.parse_response(self.client.connection, kind, **options)
+            except self.lost_connection:
+                self.client.connection.disconnect()
+                raise
+            except redis.exceptions.NoScriptError:
+                self._shas.clear()  # the server lost its scripts (restart, SCRIPT FLUSH)
+                raise Empty() from None
+            if kind == "BRPOP":
+                return self._woken(reply)
+            return self._fetched(reply, keys, score, count)
+        finally:
+            _compat.poll_done(self)
+
+    def _woken(self, reply: Any) -> bool:
+        if not reply:
+            raise Empty()
+        key, payload = reply
+        self._popped = (_text(key), payload)
+        self._wake = False
+        if _compat.channel_closing(self):
+            self._put_back()
+        raise Empty()  # the next pass records it with the next fetch
+
+    def _fetched(self, reply: list[Any], keys: list[str], score: float, count: int) -> bool:
+        taken, dead = reply
+        self._popped = None
+        self._wake = len(taken) // 3 + len(dead) // 2 < count  # the queues ran dry
+        for index, dead_key in zip(dead[::2], dead[1::2]):
+            logger.error(
+                "A message in queue %r is not a kombu message (JSON with a delivery tag, "
+                "exchange and routing key): moved to the Redis list %r.",
+                self._queue_of(keys[index - 3]), dead_key.decode())
+        batch = [(self._queue_of(keys[index - 3]), payload, _text(tag))
+                 for index, payload, tag in zip(taken[::3], taken[1::3], taken[2::3])]
+        if _compat.channel_closing(self):
+            for _queue, _payload, tag in batch:
+                self.batch_qos.restore_by_tag(tag)
+            raise Empty()
+        if not batch:
+            raise Empty()
+        scored = repr(score)
+        cycle = _compat.queue_cycle(self)
+        for queue, payload, tag in batch:
+            self.batch_qos.recorded[tag] = scored
+            cycle.rotate(queue)
+            _compat.deliver(self, json.loads(payload), queue)
+        return True
+
+    def _queue_of(self, key: str) -> str:
+        return key.rsplit(self.sep, 1)[0]
+
+    def _put_back(self) -> None:
+        """Return what the wake-up popped to the head of its list, undelivered."""
+        if self._popped is not None:
+            key, payload = self._popped
+            self._popped = None
+            self.client.rpush(key, payload)
+
+    # -- scripts ----------------------------------------------------------------------
+
+    def _prefixed(self, keys: list[str]) -> list[str]:
+        return [self.global_keyprefix + key for key in keys] if self.global_keyprefix else keys
+
+    def _sha(self, script: str) -> str:
+        sha = self._shas.get(script)
+        if sha is None:
+            sha = self._shas[script] = self._raw_client().script_load(script)
+        return sha
+
+    def _raw_client(self) -> redis.Redis:
+        """A client on the channel's pool that leaves keys as given (we prefix them)."""
+        return redis.Redis(connection_pool=self.pool)
+
+    def run_script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run ``script`` now, on a pooled connection, loading it again after NOSCRIPT."""
+        client = self._raw_client()
+        try:
+            return client.evalsha(self._sha(script), len(keys), *self._prefixed(keys), *args)
+        except redis.exceptions.NoScriptError:
+            self._shas.pop(script, None)
+            return client.evalsha(self._sha(script), len(keys), *self._prefixed(keys), *args)
+
+    def close(self) -> None:
+        try:
+            self.batch_qos.flush_acks()
+            self._put_back()
+        except self.lost_connection:
+            logger.warning("Could not send the last acks before closing the channel: the "
+                           "messages will be redelivered after visibility_timeout.",
+                           exc_info=True)
+        super().close()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel with batched fetches and acks."""
+
+    from_transport_options: tuple[str, ...] = (  # type: ignore[assignment, unused-ignore]
+        *kombu_redis.SentinelChannel.from_transport_options, "fetch_limit")
+
+
+_compat.bind_redis_poll(Channel, Channel.start_poll, Channel.read_poll)
+
+
+class Transport(kombu_redis.Transport):
+    """``broker_transport = "celery_asyncpool.broker:Transport"``."""
+
+    Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """``broker_transport = "celery_asyncpool.broker:SentinelTransport"``."""
+
+    Channel = SentinelChannel
+
