@@ -202,8 +202,9 @@ def probe_lag(worker: Any, child: psutil.Process, args: argparse.Namespace,
     return lag, cpu
 
 
-def summarize(run: Run, lags: list[dict[str, Any]], rtt_ms: float,
-              command: str) -> dict[str, Any]:
+def summarize(run: Run, lags: list[dict[str, Any]], rtt_ms: float, command: str,
+              targets_: tuple[Target, ...] = TARGETS,
+              commands: tuple[str, ...] = COMMANDS) -> dict[str, Any]:
     rows = []
     for scenario in run.scenarios:
         for workload in scenario.workloads:
@@ -219,9 +220,9 @@ def summarize(run: Run, lags: list[dict[str, Any]], rtt_ms: float,
         counted = [b for b in run.batches if b.scenario == scenario.name and b.commands]
         if counted:
             per_task[scenario.name] = {c: statistics.median(b.commands.get(c, 0) / b.tasks
-                                                            for b in counted) for c in COMMANDS}
+                                                            for b in counted) for c in commands}
     targets = []
-    for target in TARGETS:
+    for target in targets_:
         ratio = run.ratio(target.scenario, target.workload, target.versus,
                           target.versus_workload)
         if ratio is not None:
@@ -243,13 +244,15 @@ def summarize(run: Run, lags: list[dict[str, Any]], rtt_ms: float,
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": report.machine(), "command": command, "rounds": len(run.rounds),
             "proxy_rtt_ms": rtt_ms, "rows": rows, "targets": targets,
-            "commands_per_task": per_task, "timer_lag": lag_rows,
+            "commands": list(commands), "commands_per_task": per_task, "timer_lag": lag_rows,
             "scenarios": [asdict(s) for s in (*run.scenarios, *(LAG_SCENARIOS if lags else ()))],
             "batches": [asdict(b) for b in run.batches]}
 
 
-def markdown(doc: dict[str, Any]) -> str:
-    lines = [f"# Celery's I/O a round trip away, {doc['date']}", "",
+def markdown(doc: dict[str, Any], title: str = "Celery's I/O a round trip away",
+             counted: str = "on the backend (RabbitMQ broker runs)") -> str:
+    commands = doc.get("commands", COMMANDS)
+    lines = [f"# {title}, {doc['date']}", "",
              f"Machine: {doc['machine']}.", "",
              f"Run: `{doc['command']}`; {doc['rounds']} interleaved rounds, medians; each "
              "ratio taken within a round, then the median quoted. The proxied Redis answered "
@@ -259,14 +262,16 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += [f"| {r['scenario']} | {r['workload']} | {r['throughput']:.0f} "
               f"| {r['cpu_ms_per_task']:.2f} | {r['failures']} | {r['peak_connections']} |"
               for r in doc["rows"]]
-    lines += ["", "Redis commands per task on the backend (RabbitMQ broker runs):", "",
-              "| scenario | " + " | ".join(COMMANDS) + " |",
-              "|---|" + "---:|" * len(COMMANDS)]
-    lines += [f"| {name} | " + " | ".join(f"{counts[c]:.2f}" for c in COMMANDS) + " |"
+    lines += ["", f"Redis commands per task {counted}:", "",
+              "| scenario | " + " | ".join(commands) + " |",
+              "|---|" + "---:|" * len(commands)]
+    lines += [f"| {name} | " + " | ".join(f"{counts[c]:.2f}" for c in commands) + " |"
               for name, counts in doc["commands_per_task"].items()]
-    lines += ["", f"A coroutine's {LAG_INTERVAL_S * 1000:.0f} ms timer in a child whose 20 "
-              f"other slots store {BIG_RESULT // 1000} KB results through the proxy:", "",
-              "| child | timer lag p50 | p99 | max | child CPU |", "|---|---:|---:|---:|---:|"]
+    if doc["timer_lag"]:
+        lines += ["", f"A coroutine's {LAG_INTERVAL_S * 1000:.0f} ms timer in a child whose 20 "
+                  f"other slots store {BIG_RESULT // 1000} KB results through the proxy:", "",
+                  "| child | timer lag p50 | p99 | max | child CPU |",
+                  "|---|---:|---:|---:|---:|"]
     lines += [f"| {name} | {row['p50'] * 1000:.2f} ms | {row['p99'] * 1000:.2f} ms "
               f"| {row['max'] * 1000:.2f} ms | {row['cpu_share']:.0%} |"
               for name, row in doc["timer_lag"].items()]
@@ -284,7 +289,8 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(doc: dict[str, Any], path: Path) -> None:
+def chart(doc: dict[str, Any], path: Path,
+          title: str = "Redis backend {rtt:.1f} ms away vs loopback") -> None:
     """Tasks/s per scenario and workload, and the timer lag's p99, side by side."""
     import matplotlib
 
@@ -300,7 +306,8 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     for axis, (title, bars) in zip(axes[0], panels):
         names = [name for name, _ in bars]
         values = [value for _, value in bars]
-        colours = ["tab:grey" if "sync" in n or "prefork" in n else "tab:green" for n in names]
+        colours = ["tab:grey" if any(word in n for word in ("sync", "prefork", "stock"))
+                   else "tab:green" for n in names]
         axis.barh(names, values, color=colours)
         axis.invert_yaxis()
         axis.set_title(title)
@@ -308,8 +315,8 @@ def chart(doc: dict[str, Any], path: Path) -> None:
             axis.text(value, y, f" {value:.0f}" if value >= 10 else f" {value:.2f}",
                       va="center", fontsize=8)
         axis.set_xlim(0, max(values) * 1.25)
-    figure.suptitle(f"Redis backend {doc['proxy_rtt_ms']:.1f} ms away vs loopback; grey: "
-                    f"Celery's synchronous store or prefork ({doc['date']})")
+    figure.suptitle(f"{title.format(rtt=doc['proxy_rtt_ms'])}; grey: controls "
+                    f"({doc['date']})")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -15,3 +15,5 @@ AMQP_URL = os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 # "0" keeps Celery's synchronous result store on the child's loop: the control.
 RESULTS_OFF_LOOP = os.environ.get("BENCH_RESULTS_OFF_LOOP", "1") != "0"
 PROCESSES = int(os.environ.get("BENCH_PROCESSES", "2"))
+# "celery_asyncpool.broker:Transport" runs the worker on the package's Redis broker transport.
+BROKER_TRANSPORT = os.environ.get("BENCH_BROKER_TRANSPORT") or None

@@ -66,7 +66,9 @@ def running_worker(scenario: Scenario, round_: int, logs: Path) -> Iterator[Work
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield Worker(scenario, queue, process, log_path, env.get("BENCH_BROKER", BROKER_URL))
+        # The runner publishes outside the proxy where the worker's broker is behind it.
+        client_broker = env.get("BENCH_CLIENT_BROKER", env.get("BENCH_BROKER", BROKER_URL))
+        yield Worker(scenario, queue, process, log_path, client_broker)
     finally:
         stop_worker(process)
 

@@ -404,6 +404,15 @@ def deliver(channel: Any, payload: dict[str, Any], queue: str) -> None:
     channel.connection._deliver(payload, queue)
 
 
+def redis_socket(connection: Any) -> Any:
+    """The socket of a connected redis-py ``Connection``, or None.
+
+    redis-py has no public name for it; kombu's own poller reads the same
+    attribute to register the socket with the hub (kombu/transport/redis.py:703).
+    """
+    return getattr(connection, "_sock", None)
+
+
 # --- billiard ------------------------------------------------------------------------------
 
 def dup_fd_for_spawn(fd: int) -> Any:

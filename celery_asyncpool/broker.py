@@ -85,13 +85,99 @@ class BatchQoS(kombu_redis.QoS):
         elif len(self._acks) == 1:
             hub.call_soon(self.flush_acks)
 
-    def flush_acks(self) -> None:
-        """Send the acks queued since the last flush, in one script call."""
+    def flush_acks(self, wait: bool = False) -> None:
+        """Send the acks queued since the last flush, in one script call.
+
+        On the worker's hub the call is written without waiting for its reply
+        (``AckSender``); without a hub, or with ``wait``, it is a round trip.
+        """
         acks, self._acks = self._acks, []
+        channel: Any = self.channel
         if acks:
-            channel: Any = self.channel
-            channel.run_script(ACK, [channel.unacked_key, channel.unacked_index_key],
-                               [part for ack in acks for part in ack])
+            channel.acks.send([part for ack in acks for part in ack], wait)
+        if wait:
+            channel.acks.wait()
+
+
+class AckSender:
+    """Writes ``ACK`` script calls on a connection of its own and reads their replies
+    when the worker's hub finds them readable, so the hub never waits on an ack.
+
+    The calls are ``EVAL`` with the script's text (a few hundred bytes per
+    pass): a server that lost its scripts cannot refuse them. Acks whose reply
+    is lost with the connection are logged; their messages are redelivered
+    after ``visibility_timeout``, as after any ack that does not arrive.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.connection: Any = None
+        self.unread = 0
+        self._hub: Any = None
+
+    def send(self, args: list[str], wait: bool = False) -> None:
+        channel = self.channel
+        keys = channel.prefixed([channel.unacked_key, channel.unacked_index_key])
+        hub = get_event_loop()
+        if hub is None or wait:
+            channel.run_script(ACK, [channel.unacked_key, channel.unacked_index_key], args)
+            return
+        try:
+            if self.connection is None:
+                self._open(hub)
+            self.connection.send_command("EVAL", ACK, len(keys), *keys, *args)
+            self.unread += 1
+        except channel.lost_connection:
+            self._drop(len(args) // 2)
+            raise
+
+    def _open(self, hub: Any) -> None:
+        connection = self.channel.pool.get_connection()
+        connection.connect()
+        self.connection, self._hub = connection, hub
+        hub.add_reader(_compat.redis_socket(connection), self.read)
+
+    def read(self) -> None:
+        """Read the replies that have arrived (the hub calls this when they can be read)."""
+        try:
+            while self.unread and self.connection.can_read(timeout=0):
+                self._reply()
+        except self.channel.lost_connection:
+            self._drop(0)
+
+    def wait(self) -> None:
+        """Read every reply still due (at channel close)."""
+        try:
+            while self.unread:
+                self._reply()
+        except self.channel.lost_connection:
+            self._drop(0)
+        self._close()
+
+    def _reply(self) -> None:
+        try:
+            self.connection.read_response()
+        except redis.exceptions.ResponseError:
+            logger.error("Redis refused a batch of acks: their messages will be redelivered "
+                         "after visibility_timeout.", exc_info=True)
+        self.unread -= 1
+
+    def _drop(self, unsent: int) -> None:
+        if self.unread or unsent:
+            logger.warning("The connection carrying %d batch(es) of acks was lost: their "
+                           "messages will be redelivered after visibility_timeout.",
+                           self.unread + bool(unsent))
+        self._close()
+        self.unread = 0
+
+    def _close(self) -> None:
+        if self.connection is not None:
+            sock = _compat.redis_socket(self.connection)
+            if sock is not None:
+                self._hub.remove_reader(sock)
+            self.connection.disconnect()
+            self.channel.pool.release(self.connection)
+            self.connection = None
 
 
 class Channel(kombu_redis.Channel):
@@ -108,6 +194,7 @@ class Channel(kombu_redis.Channel):
         self._popped: tuple[str, bytes] | None = None  # (key, payload) BRPOP returned
         self._pending: tuple[str, list[str], float, int] | None = None  # kind, keys, score, n
         self._shas: dict[str, str] = {}
+        self.acks = AckSender(self)
 
     @property
     def batch_qos(self) -> BatchQoS:
@@ -134,7 +221,7 @@ class Channel(kombu_redis.Channel):
             self._put_back()  # its queue is no longer consumed
         if self._wake and self._popped is None:
             timeout = self.brpop_timeout if timeout is None else timeout
-            connection.send_command("BRPOP", *self._prefixed(keys), timeout or 0)
+            connection.send_command("BRPOP", *self.prefixed(keys), timeout or 0)
             self._pending = ("BRPOP", keys, score, 1)
         else:
             count = self.batch_size()
@@ -146,7 +233,7 @@ class Channel(kombu_redis.Channel):
     def _fetch_args(self, queues: list[str], keys: list[str], score: float,
                     count: int) -> list[Any]:
         dead = [DEAD_LETTER.format(queue=queue) for queue in queues]
-        all_keys = self._prefixed([self.unacked_key, self.unacked_index_key, *keys, *dead])
+        all_keys = self.prefixed([self.unacked_key, self.unacked_index_key, *keys, *dead])
         args: list[Any] = [len(all_keys), *all_keys, count, repr(score),
                            len(queues)]
         if self._popped is not None:
@@ -233,7 +320,7 @@ class Channel(kombu_redis.Channel):
 
     # -- scripts ----------------------------------------------------------------------
 
-    def _prefixed(self, keys: list[str]) -> list[str]:
+    def prefixed(self, keys: list[str]) -> list[str]:
         return [self.global_keyprefix + key for key in keys] if self.global_keyprefix else keys
 
     def _sha(self, script: str) -> str:
@@ -250,14 +337,14 @@ class Channel(kombu_redis.Channel):
         """Run ``script`` now, on a pooled connection, loading it again after NOSCRIPT."""
         client = self._raw_client()
         try:
-            return client.evalsha(self._sha(script), len(keys), *self._prefixed(keys), *args)
+            return client.evalsha(self._sha(script), len(keys), *self.prefixed(keys), *args)
         except redis.exceptions.NoScriptError:
             self._shas.pop(script, None)
-            return client.evalsha(self._sha(script), len(keys), *self._prefixed(keys), *args)
+            return client.evalsha(self._sha(script), len(keys), *self.prefixed(keys), *args)
 
     def close(self) -> None:
         try:
-            self.batch_qos.flush_acks()
+            self.batch_qos.flush_acks(wait=True)
             self._put_back()
         except self.lost_connection:
             logger.warning("Could not send the last acks before closing the channel: the "
