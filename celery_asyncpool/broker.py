@@ -227,8 +227,9 @@ class Channel(kombu_redis.Channel):
             count = self.batch_size()
             connection.send_command("EVALSHA", self._sha(FETCH),
                                     *self._fetch_args(queues, keys, score, count))
-            self._pending = ("FETCH", keys, score, count)
-        _compat.mark_poll_sent(self, connection, time.monotonic())
+            self._pending = ("EVALSHA", keys, score, count)
+        # On the clock kombu's stale-connection check reads.
+        _compat.mark_poll_sent(self, connection, kombu_redis.monotonic())
 
     def _fetch_args(self, queues: list[str], keys: list[str], score: float,
                     count: int) -> list[Any]:
@@ -254,10 +255,9 @@ class Channel(kombu_redis.Channel):
 
     def read_poll(self, **options: Any) -> bool:
         """Read the pending reply: deliver a batch, or keep what the wake-up popped."""
-        pending, self._pending = self._pending, None
+        # Nothing recorded: a BRPOP sent by kombu's own code, as its close() expects.
+        pending, self._pending = self._pending or ("BRPOP", [], 0.0, 1), None
         try:
-            if pending is None:  # kombu's close() reads even when nothing was sent
-                raise Empty()
             kind, keys, score, count = pending
             try:
                 reply = self.client.parse_response(self.client.connection, kind, **options)

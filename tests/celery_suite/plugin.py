@@ -33,6 +33,8 @@ from tests.celery_suite import left_out
 POOL = os.environ.get("CELERY_SUITE_POOL", "asyncsql")
 CONCURRENCY = int(os.environ.get("CELERY_SUITE_CONCURRENCY", "4"))
 ASYNC_BODIES = os.environ.get("CELERY_SUITE_BODIES", "sync") == "async"
+# The broker transport of the transport pass (celery_asyncpool.broker:Transport), or kombu's.
+TRANSPORT = os.environ.get("CELERY_SUITE_TRANSPORT", "")
 SUITE_CONFTEST = "t.integration.conftest"
 
 
@@ -92,10 +94,30 @@ _CONFTEST_OVERRIDES = {"celery_worker_pool": celery_worker_pool,
                        "celery_includes": celery_includes}
 
 
+def _with_transport(suite_config: Any) -> Any:
+    """The suite's ``celery_config`` fixture, with ``broker_transport = TRANSPORT``."""
+    original = getattr(suite_config, "__wrapped__", None)
+    if original is None:
+        raise pytest.UsageError(
+            f"Celery's {SUITE_CONFTEST}.celery_config is no longer a fixture whose function "
+            "this plugin can call: check tests/celery_suite/plugin.py against the new sdist.")
+
+    @pytest.fixture(scope="session")
+    def celery_config(request: pytest.FixtureRequest) -> dict[str, Any]:
+        config: dict[str, Any] = original(request)
+        config["broker_transport"] = TRANSPORT
+        return config
+
+    return celery_config
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_plugin_registered(plugin: object) -> None:
     if isinstance(plugin, ModuleType) and plugin.__name__ == SUITE_CONFTEST:
-        for name, fixture in _CONFTEST_OVERRIDES.items():
+        overrides = dict(_CONFTEST_OVERRIDES)
+        if TRANSPORT:
+            overrides["celery_config"] = _with_transport(getattr(plugin, "celery_config", None))
+        for name, fixture in overrides.items():
             if not hasattr(plugin, name):
                 raise pytest.UsageError(
                     f"Celery's {SUITE_CONFTEST} no longer defines the fixture {name!r} this "

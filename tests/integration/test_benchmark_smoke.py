@@ -70,3 +70,20 @@ def test_remote_benchmark_runs_and_counts_one_script_call_per_result(tmp_path):
     assert set(report["timer_lag"]) == {"lag", "lag+stores", "lag-sync", "lag-sync+stores"}
     assert "| tasks/s: far io vs near io |" in (tmp_path / "remote.md").read_text()
     assert (tmp_path / "remote.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_broker_benchmark_runs_and_counts_fewer_round_trips_on_our_transport(tmp_path):
+    """``benchmarks.broker`` end to end, one short round: every scenario, the command counts."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.broker", "--rounds", "1", "--tasks", "12",
+         "--out", str(tmp_path)], cwd=ROOT, env={**os.environ, **SMOKE_ENV},
+        capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    report = json.loads((tmp_path / "broker.json").read_text())
+    for row in report["rows"]:
+        assert row["failures"] == 0 and row["throughput"] > 0, row
+    per_task = report["commands_per_task"]
+    assert per_task["far-100-stock"]["brpop"] >= 1 and per_task["far-100-stock"]["exec"] >= 2
+    assert per_task["far-100"]["exec"] < 0.01 and per_task["far-100"]["brpop"] < 1, per_task
+    assert "| tasks/s: far-100 io vs far-100-stock io |" in (tmp_path / "broker.md").read_text()
+    assert (tmp_path / "broker.png").read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,115 @@
+"""Run kombu's own Redis transport unit tests against ``celery_asyncpool.broker``.
+
+``scripts/kombu-suite`` calls this. For the kombu version installed (the one
+the project pins) it fetches that version's sdist, checks it against the hash
+in ``sdists.txt``, unpacks ``t/`` and runs ``t/unit/transport/test_redis.py``
+twice: on kombu's own classes, then with ``plugin.py`` putting the package's
+subclasses in their place. Every test that passes on kombu's classes must pass
+on ours, but for those ``CHANGED`` lists: each tests a behaviour the transport
+changes on purpose (docs/broker.md), and says which.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import kombu
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CACHE = ROOT / ".cache" / "kombu-suite"
+SUITE = "t/unit/transport/test_redis.py"
+FAKE = ("the suite's fake Redis client (Client in test_redis.py) answers kombu's own "
+        "commands only: a script call comes back as None")
+CHANGED = {
+    "test_Channel::test_brpop_start_sends_keys_and_timeout":
+        "messages are asked for with the fetch script; BRPOP only after a short fetch",
+    "test_Channel::test_brpop_start_prefixes_keys":
+        "as above: the script's keys carry the prefix, asserted on a BRPOP here",
+    "test_MultiChannelPoller::test_qos_reject":
+        "a reject without requeue goes out with the pass's acks, in the ack script, not "
+        "through QoS._remove_from_indices",
+    "test_Redis::test_publish__consume": FAKE,
+    "test_PausedBRPOP::test_removing_paused_channel_preserves_another[discard]": FAKE,
+    "test_PausedBRPOP::test_removing_paused_channel_preserves_another[disconnect]": FAKE,
+}
+
+
+def pinned_hash(version: str) -> str:
+    for line in (HERE / "sdists.txt").read_text().splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) == 2 and fields[0] == version:
+            return fields[1]
+    sys.exit(f"kombu-suite: kombu {version} is installed, but tests/kombu_suite/sdists.txt has "
+             f"no sha256 for its sdist. Add '{version} <sha256>' (pip download --no-deps "
+             f"--no-binary :all: kombu=={version}; sha256sum the file), then check CHANGED.")
+
+
+def fetch(version: str) -> Path:
+    """kombu ``version``'s ``t/``, unpacked from its checked sdist."""
+    tree = CACHE / f"kombu-{version}"
+    if (tree / SUITE).exists() and (tree / "setup.cfg").exists():
+        return tree
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / f"kombu-{version}.tar.gz"
+    if not sdist.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--no-binary", ":all:", f"kombu=={version}", "-d", str(CACHE)],
+                       check=True)
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    if digest != pinned_hash(version):
+        sdist.unlink()
+        sys.exit(f"kombu-suite: {sdist.name} has sha256 {digest}, not the pinned "
+                 f"{pinned_hash(version)}: not used.")
+    prefix = f"kombu-{version}/"
+    with tarfile.open(sdist) as archive:
+        # setup.cfg holds its pytest settings, which make the tree pytest's rootdir.
+        members = [m for m in archive.getmembers()
+                   if m.name.startswith(prefix + "t/") or m.name == prefix + "setup.cfg"]
+        archive.extractall(CACHE, members=members, filter="data")
+    return tree
+
+
+def run(tree: Path, transport: str, extra: list[str]) -> dict[str, str]:
+    """Each test's outcome with ``transport`` ('kombu' or 'ours')."""
+    results = CACHE / f"results-{transport}.json"
+    results.unlink(missing_ok=True)
+    env = {**os.environ, "KOMBU_SUITE_TRANSPORT": transport, "KOMBU_SUITE_RESULTS": str(results),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(tree)])}
+    subprocess.run([sys.executable, "-m", "pytest", SUITE, "-p", "tests.kombu_suite.plugin",
+                    "-p", "no:cacheprovider", "-q", "-rf", "--no-header", *extra],
+                   cwd=tree, env=env, check=False)
+    if not results.exists():
+        sys.exit(f"kombu-suite: the run on {transport}'s classes wrote no results")
+    outcomes: dict[str, str] = json.loads(results.read_text())
+    return {nodeid.split("::", 1)[1]: outcome for nodeid, outcome in outcomes.items()}
+
+
+def main() -> int:
+    started = time.monotonic()
+    tree = fetch(kombu.__version__)
+    stock, ours = (run(tree, transport, sys.argv[1:]) for transport in ("kombu", "ours"))
+    held = [test for test, outcome in stock.items() if outcome == "passed"]
+    broken = [test for test in held if ours.get(test) != "passed" and test not in CHANGED]
+    stale = [test for test in CHANGED if ours.get(test) == "passed"]
+    for test in broken:
+        print(f"kombu-suite: passed on kombu's classes, {ours.get(test, 'not run')} on ours: "
+              f"{test}")
+    for test in stale:
+        print(f"kombu-suite: {test} now passes on ours: take it out of CHANGED")
+    passed = sum(outcome == "passed" for outcome in ours.values())
+    print(f"=== kombu-suite: kombu {kombu.__version__} {SUITE}: {len(held)} pass on kombu's "
+          f"classes; on ours {passed} pass, {len(CHANGED)} changed on purpose, "
+          f"{len(broken)} broken; {time.monotonic() - started:.0f} s")
+    return 1 if broken or stale or not held else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
