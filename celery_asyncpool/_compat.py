@@ -366,10 +366,13 @@ def bind_redis_poll(channel_class: type, start: Callable[..., None],
     setattr(channel_class, "_brpop_read", read)
 
 
-def mark_poll_sent(channel: Any, connection: Any, sent_at: float) -> None:
-    """Tell kombu's poller a reply is pending on ``connection`` since ``sent_at``."""
+def mark_poll_sent(channel: Any, connection: Any) -> None:
+    """Tell kombu's poller a reply is pending on ``connection`` from now, on the clock its
+    stale-connection check reads (the module's ``monotonic``)."""
+    from kombu.transport import redis
+
     channel._in_poll = connection
-    channel._brpop_sent_at = sent_at
+    channel._brpop_sent_at = getattr(redis, "monotonic")()
 
 
 def poll_done(channel: Any) -> None:

@@ -228,8 +228,7 @@ class Channel(kombu_redis.Channel):
             connection.send_command("EVALSHA", self._sha(FETCH),
                                     *self._fetch_args(queues, keys, score, count))
             self._pending = ("EVALSHA", keys, score, count)
-        # On the clock kombu's stale-connection check reads.
-        _compat.mark_poll_sent(self, connection, kombu_redis.monotonic())
+        _compat.mark_poll_sent(self, connection)
 
     def _fetch_args(self, queues: list[str], keys: list[str], score: float,
                     count: int) -> list[Any]:
