@@ -78,6 +78,14 @@ class BatchQoS(kombu_redis.QoS):
             self.ack(delivery_tag)
 
     def _queue_ack(self, delivery_tag: str) -> None:
+        channel: Any = self.channel
+        if channel.closed or channel.connection is None:
+            # An acks_late task that ended after its broker connection was lost and
+            # replaced: kombu would raise AttributeError rebuilding the gone pool.
+            logger.warning("The ack of %s came after its broker connection was lost: its "
+                           "message will be delivered again after visibility_timeout.",
+                           delivery_tag)
+            return
         self._acks.append((delivery_tag, self.recorded.pop(delivery_tag, "")))
         hub = get_event_loop()
         if hub is None:
@@ -342,6 +350,15 @@ class Channel(kombu_redis.Channel):
             return client.evalsha(self._sha(script), len(keys), *self.prefixed(keys), *args)
 
     def close(self) -> None:
+        if self.connection is not None and self.connection.client is None:
+            # Celery's consumer collected the connection after it broke: kombu's restore
+            # of delivered messages would rebuild a pool from the gone connection's
+            # parameters and raise AttributeError. They stay in the unacked hash and
+            # come back after visibility_timeout.
+            self.qos.restore_at_shutdown = False
+        if self.closed:
+            super().close()
+            return
         try:
             self.batch_qos.flush_acks(wait=True)
             self._put_back()

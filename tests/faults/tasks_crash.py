@@ -61,3 +61,12 @@ def sync_marked_effect(self, run: str, hold_s: float) -> int:
     time.sleep(hold_s)
     _sync_record(run, self.request.id)
     return os.getpid()
+
+
+@app.task(bind=True, acks_late=True)
+def sync_marked_effect_late(self, run: str, hold_s: float) -> int:
+    """``sync_marked_effect``, acknowledged after it ends (``acks_late``)."""
+    _sync_record(starts(run), self.request.id)
+    time.sleep(hold_s)
+    _sync_record(run, self.request.id)
+    return os.getpid()

@@ -27,6 +27,7 @@ from .tasks_crash import INCLUDE, marked_effect, marked_effect_late, starts
 
 pytestmark = pytest.mark.serial  # it cuts the broker's connections
 
+OURS = "celery_asyncpool.broker:Transport"
 DROPS = [pytest.param(3, id="3-drops"),
          pytest.param(15, id="15-drops", marks=[pytest.mark.soak, pytest.mark.timeout(600)])]
 CHUNK = 200  # of each task, sent before each drop: more than eight slots finish in between
@@ -50,16 +51,20 @@ def drop_and_reconnect(worker, nth: int) -> None:
     assert drop_broker_connections(worker) >= 1, "the worker had broker connections to cut"
     eventually(lambda: count_in_log(worker, "Connection to broker lost") >= nth, 30,
                f"broker connection loss {nth} seen")
-    eventually(lambda: count_in_log(worker, "Connected to redis://") >= nth + 1, 60,
+    # "Connected to redis://..." or, on the broker transport, "...broker:Transport://..."
+    eventually(lambda: count_in_log(worker, "Connected to ") >= nth + 1, 60,
                f"reconnect {nth}")
 
 
+@pytest.mark.parametrize("transport", [pytest.param(None, id="kombu"),
+                                       pytest.param(OURS, id="broker-transport")])
 @pytest.mark.parametrize("drops", DROPS)
 def test_after_broker_connections_drop_the_worker_reconnects_and_every_task_finishes(
-        worker_factory, drops):
+        worker_factory, drops, transport):
     run = uuid.uuid4().hex
     ids: list[str] = []
-    with worker_factory(concurrency=SLOTS, include=INCLUDE, conf=CONF,
+    conf = {**CONF, "broker_transport": transport} if transport else CONF
+    with worker_factory(concurrency=SLOTS, include=INCLUDE, conf=conf,
                         broker=REDIS_BROKER) as worker:
         for nth in range(1, drops + 1):
             ids += publish(worker, marked_effect, CHUNK, run, HOLD_S)
@@ -68,7 +73,8 @@ def test_after_broker_connections_drop_the_worker_reconnects_and_every_task_fini
                        "the pool busy with the last chunk")
             eventually(lambda: running(run) > 0, 10, "tasks running at the drop")
             drop_and_reconnect(worker, nth)
-        account = settle(f"broker connections dropped x{drops}", ids, run=run,
+        account = settle(f"broker connections dropped x{drops}"
+                         f"{' (broker transport)' if transport else ''}", ids, run=run,
                          timeout_s=30 + drops * 10)
         eventually(lambda: _prefetch(worker) == SLOTS * MULTIPLIER, 20,
                    "prefetch back to slots x multiplier")
