@@ -37,7 +37,7 @@ from .worker import ROOT
 OURS = ("BENCH_BROKER_TRANSPORT", "celery_asyncpool.broker:Transport")
 FAR = (("BENCH_BROKER", _far(BROKER_URL)), ("BENCH_BACKEND", _far(BACKEND_URL)),
        ("BENCH_CLIENT_BROKER", BROKER_URL))
-COMMANDS = ("brpop", "rpop", "evalsha", "multi", "exec", "zadd", "hset", "zrem")
+COMMANDS = ("brpop", "rpop", "evalsha", "eval", "multi", "exec", "zadd", "hset", "zrem")
 SCENARIOS = (
     Scenario("far-prefork-stock", "prefork", 2, "common", ("noop",),
              "prefork -c 2 no-op, kombu's transport, Redis through the proxy", FAR),

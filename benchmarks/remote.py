@@ -290,7 +290,7 @@ def markdown(doc: dict[str, Any], title: str = "Celery's I/O a round trip away",
 
 
 def chart(doc: dict[str, Any], path: Path,
-          title: str = "Redis backend {rtt:.1f} ms away vs loopback") -> None:
+          heading: str = "Redis backend {rtt:.1f} ms away vs loopback") -> None:
     """Tasks/s per scenario and workload, and the timer lag's p99, side by side."""
     import matplotlib
 
@@ -315,7 +315,7 @@ def chart(doc: dict[str, Any], path: Path,
             axis.text(value, y, f" {value:.0f}" if value >= 10 else f" {value:.2f}",
                       va="center", fontsize=8)
         axis.set_xlim(0, max(values) * 1.25)
-    figure.suptitle(f"{title.format(rtt=doc['proxy_rtt_ms'])}; grey: controls "
+    figure.suptitle(f"{heading.format(rtt=doc['proxy_rtt_ms'])}; grey: controls "
                     f"({doc['date']})")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

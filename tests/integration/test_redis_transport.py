@@ -221,3 +221,34 @@ def test_round_trips_per_task(worker_factory, transport):
 def _calls(client) -> dict[str, int]:
     return {name.removeprefix("cmdstat_"): stats["calls"]
             for name, stats in client.info("commandstats").items()}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_every_key_carries_the_global_keyprefix(transport):
+    """The same keys as kombu's, all under ``global_keyprefix``: queues, unacked hash, index."""
+    import kombu
+
+    with redis_server() as url, _connection(url, transport,
+                                            global_keyprefix="pfx:") as connection:
+        client = redis.Redis.from_url(url)
+        queue = kombu.Queue("p", routing_key="p")
+        _publish(connection, queue, list(range(5)))
+        got = _consume(connection, [queue], 3, prefetch=3, ack=False)
+        assert len(got) == 3
+        keys = {key.decode() for key in client.keys("*")}
+        assert keys == {"pfx:p", "pfx:unacked", "pfx:unacked_index"}
+        assert client.hlen("pfx:unacked") == 3 and client.llen("pfx:p") == 2
+
+
+def test_with_worker_disable_prefetch_a_batch_is_one_message():
+    """Celery's worker_disable_prefetch replaces the QoS instance's can_consume: one at a time."""
+    import kombu
+
+    with redis_server() as url, _connection(url, OURS) as connection:
+        channel = connection.default_channel
+        channel.qos.can_consume = lambda: True  # as Celery patches it: on the instance
+        assert channel.batch_size() == 1
+        queue = kombu.Queue("d", routing_key="d")
+        _publish(connection, queue, list(range(5)))
+        got = _consume(connection, [queue], 1, prefetch=10, ack=False)
+        assert len(got) >= 1 and redis.Redis.from_url(url).hlen("unacked") == len(got)
