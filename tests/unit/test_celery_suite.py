@@ -63,11 +63,19 @@ def test_left_out_keys_match_a_test_its_parameters_or_its_module():
     assert left_out.reason("t/integration/test_backend.py", "prefork", False)
 
 
-def test_every_reason_says_why_and_async_ones_name_a_docs_section():
-    for key, why in {**left_out.ANY_POOL, **left_out.ASYNC_BODIES}.items():
+def test_every_reason_says_why_and_asyncsql_ones_name_a_docs_section():
+    for key, why in {**left_out.ANY_POOL, **left_out.ASYNCSQL,
+                     **left_out.ASYNC_BODIES}.items():
         assert key.startswith("t/integration/") and len(why) > 40, key
-    for why in left_out.ASYNC_BODIES.values():
+    for why in {**left_out.ASYNCSQL, **left_out.ASYNC_BODIES}.values():
         assert "docs/" in why, why
+
+
+def test_a_pool_difference_leaves_a_test_out_of_asyncsql_passes_only():
+    test_retry = "t/integration/test_tasks.py::test_tasks::test_retry"
+    assert left_out.reason(test_retry, "asyncsql", False)
+    assert left_out.reason(test_retry, "asyncsql", True)
+    assert left_out.reason(test_retry, "prefork", False) is None
 
 
 def test_a_reference_id_with_spaces_is_one_test(tmp_path, reference):
