@@ -381,11 +381,6 @@ def poll_done(channel: Any) -> None:
     channel._flush_brpop_reauth()
 
 
-def poll_pending(channel: Any) -> bool:
-    """Whether a reply kombu's poller waits for is still unread."""
-    return bool(channel._in_poll)
-
-
 def queue_cycle(channel: Any) -> Any:
     """The channel's queue order (``queue_order_strategy``): ``consume(n)``, ``rotate(q)``."""
     return channel._queue_cycle

@@ -125,11 +125,12 @@ class AckSender:
 
     def send(self, args: list[str], wait: bool = False) -> None:
         channel = self.channel
-        keys = channel.prefixed([channel.unacked_key, channel.unacked_index_key])
+        keys = [channel.unacked_key, channel.unacked_index_key]
         hub = get_event_loop()
         if hub is None or wait:
-            channel.run_script(ACK, [channel.unacked_key, channel.unacked_index_key], args)
+            channel.run_script(ACK, keys, args)
             return
+        keys = channel.prefixed(keys)
         try:
             if self.connection is None:
                 self._open(hub)

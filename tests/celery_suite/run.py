@@ -25,20 +25,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
 import celery
+
+from tests import sdist
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -49,40 +49,15 @@ RABBITMQ = "amqp://guest:guest@127.0.0.1:5672"
 RERUNS = 1  # the flaky-test rule, the same for every pool
 
 
-def pinned_hash(version: str) -> str:
-    """The sha256 of Celery ``version``'s sdist, from ``sdists.txt``."""
-    for line in (HERE / "sdists.txt").read_text().splitlines():
-        fields = line.split("#", 1)[0].split()
-        if len(fields) == 2 and fields[0] == version:
-            return fields[1]
-    sys.exit(f"celery-suite: Celery {version} is installed, but tests/celery_suite/sdists.txt "
-             f"has no sha256 for its sdist. Add the line '{version} <sha256>' (pip download "
-             f"--no-deps --no-binary :all: celery=={version}; sha256sum the file) and record "
-             "the prefork references for it (see docs/compatibility.md).")
-
-
 def fetch_suite(version: str) -> Path:
     """Celery ``version``'s ``t/`` and ``pyproject.toml``, unpacked from its checked sdist."""
-    tree = CACHE / f"celery-{version}"
-    if (tree / "t" / "integration" / "conftest.py").exists():
-        return tree
-    CACHE.mkdir(parents=True, exist_ok=True)
-    sdist = CACHE / f"celery-{version}.tar.gz"
-    if not sdist.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--no-binary", ":all:", f"celery=={version}",
-                        "-d", str(CACHE)], check=True)
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != pinned_hash(version):
-        sdist.unlink()
-        sys.exit(f"celery-suite: {sdist.name} has sha256 {digest}, not the "
-                 f"{pinned_hash(version)} tests/celery_suite/sdists.txt pins: not used.")
-    prefix = f"celery-{version}/"
-    with tarfile.open(sdist) as archive:
-        members = [m for m in archive.getmembers()
-                   if m.name.startswith(prefix + "t/") or m.name == prefix + "pyproject.toml"]
-        archive.extractall(CACHE, members=members, filter="data")
-    return tree
+    return sdist.fetch(
+        "celery", version, CACHE, HERE / "sdists.txt", ("t/", "pyproject.toml"),
+        unpinned=f"celery-suite: Celery {version} is installed, but "
+        "tests/celery_suite/sdists.txt has no sha256 for its sdist. Add the line "
+        f"'{version} <sha256>' (pip download --no-deps --no-binary :all: celery=={version}; "
+        "sha256sum the file) and record the prefork references for it (see "
+        "docs/compatibility.md).")
 
 
 def free_port() -> int:

@@ -11,16 +11,16 @@ changes on purpose (docs/broker.md), and says which.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import kombu
+
+from tests import sdist
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -42,39 +42,14 @@ CHANGED = {
 }
 
 
-def pinned_hash(version: str) -> str:
-    for line in (HERE / "sdists.txt").read_text().splitlines():
-        fields = line.split("#", 1)[0].split()
-        if len(fields) == 2 and fields[0] == version:
-            return fields[1]
-    sys.exit(f"kombu-suite: kombu {version} is installed, but tests/kombu_suite/sdists.txt has "
-             f"no sha256 for its sdist. Add '{version} <sha256>' (pip download --no-deps "
-             f"--no-binary :all: kombu=={version}; sha256sum the file), then check CHANGED.")
-
-
 def fetch(version: str) -> Path:
-    """kombu ``version``'s ``t/``, unpacked from its checked sdist."""
-    tree = CACHE / f"kombu-{version}"
-    if (tree / SUITE).exists() and (tree / "setup.cfg").exists():
-        return tree
-    CACHE.mkdir(parents=True, exist_ok=True)
-    sdist = CACHE / f"kombu-{version}.tar.gz"
-    if not sdist.exists():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--no-binary", ":all:", f"kombu=={version}", "-d", str(CACHE)],
-                       check=True)
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if digest != pinned_hash(version):
-        sdist.unlink()
-        sys.exit(f"kombu-suite: {sdist.name} has sha256 {digest}, not the pinned "
-                 f"{pinned_hash(version)}: not used.")
-    prefix = f"kombu-{version}/"
-    with tarfile.open(sdist) as archive:
-        # setup.cfg holds its pytest settings, which make the tree pytest's rootdir.
-        members = [m for m in archive.getmembers()
-                   if m.name.startswith(prefix + "t/") or m.name == prefix + "setup.cfg"]
-        archive.extractall(CACHE, members=members, filter="data")
-    return tree
+    """kombu ``version``'s ``t/`` and ``setup.cfg`` (its pytest settings, which make the
+    tree pytest's rootdir), unpacked from its checked sdist."""
+    return sdist.fetch(
+        "kombu", version, CACHE, HERE / "sdists.txt", ("t/", "setup.cfg"),
+        unpinned=f"kombu-suite: kombu {version} is installed, but tests/kombu_suite/sdists.txt "
+        f"has no sha256 for its sdist. Add '{version} <sha256>' (pip download --no-deps "
+        f"--no-binary :all: kombu=={version}; sha256sum the file), then check CHANGED.")
 
 
 def run(tree: Path, transport: str, extra: list[str]) -> dict[str, str]:
