@@ -53,6 +53,7 @@ def install(app: Celery) -> CeleryIO:
     The backend changed is the one the tracers use: ``app.backend`` of the
     loop's thread (Celery keeps one per thread).
     """
+    _make_producer_pool(app)
     backend = app.backend
     writer = None
     store = results.install(backend)
@@ -71,6 +72,17 @@ def install(app: Celery) -> CeleryIO:
         _off_loop(backend, name)
     _off_loop(app.amqp, _compat.RETRY_PUBLISH)
     return CeleryIO(writer)
+
+
+def _make_producer_pool(app: Celery) -> None:
+    """Make the child's producer pool now, on one thread, before any publish.
+
+    Made first by several ``offload`` threads at once, Celery sizes it twice:
+    one thread takes a producer from it at kombu's default limit, another then
+    shrinks it to ``broker_pool_limit`` and kombu raises "Can't shrink pool
+    when in use" in that thread's task. Making it is lazy: nothing connects.
+    """
+    app.amqp.producer_pool  # noqa: B018 (the property makes and sizes it)
 
 
 def _off_loop(owner: Any, name: str) -> None:
