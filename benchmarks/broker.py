@@ -10,7 +10,10 @@ workers on kombu's Redis transport (``stock``, the control) and on
 - Redis (broker and result backend) behind the benchmark's delay proxy, the
   runner publishing outside it: ``-c 100`` on ``io`` and ``noop``, against
   prefork's no-op (on both transports);
-- Redis on loopback: ``-c 100`` no-op and ``tiny`` against prefork's no-op.
+- Redis on loopback: ``-c 100`` no-op and ``tiny`` against prefork's no-op;
+- RabbitMQ as the broker, through a proxy of the same delay and on loopback
+  (the Redis backend through the proxy in both): whether the parent waits a
+  round trip per message there too.
 
 Writes ``broker.md``, ``broker.json`` and ``broker.png`` to ``--out``.
 """
@@ -31,12 +34,15 @@ from .models import prepare_database
 from .remote import PROXY_PORT, _far, chart, command_counts, delay_proxy, markdown, summarize
 from .report import Run, Target
 from .scenarios import Scenario
-from .settings import BACKEND_URL, BROKER_URL, SYNC_URL, USERS
+from .settings import AMQP_URL, BACKEND_URL, BROKER_URL, SYNC_URL, USERS
 from .worker import ROOT
 
 OURS = ("BENCH_BROKER_TRANSPORT", "celery_asyncpool.broker:Transport")
 FAR = (("BENCH_BROKER", _far(BROKER_URL)), ("BENCH_BACKEND", _far(BACKEND_URL)),
        ("BENCH_CLIENT_BROKER", BROKER_URL))
+AMQP_PROXY_PORT = 16391
+AMQP_FAR = f"amqp://guest:guest@127.0.0.1:{AMQP_PROXY_PORT}//"
+ON_AMQP = (("BENCH_BACKEND", _far(BACKEND_URL)), ("BENCH_CLIENT_BROKER", AMQP_URL))
 COMMANDS = ("brpop", "rpop", "evalsha", "eval", "multi", "exec", "zadd", "hset", "zrem")
 SCENARIOS = (
     Scenario("far-prefork-stock", "prefork", 2, "common", ("noop",),
@@ -47,6 +53,15 @@ SCENARIOS = (
              "-P asyncsql -c 100, kombu's transport, Redis through the proxy", FAR),
     Scenario("far-100", "asyncsql", 100, "asyncsql", ("io", "noop"),
              "-P asyncsql -c 100, our transport, Redis through the proxy", (*FAR, OURS)),
+    Scenario("far-amqp-prefork", "prefork", 2, "common", ("noop",),
+             "prefork -c 2 no-op, RabbitMQ and the Redis backend through the proxy",
+             (("BENCH_BROKER", AMQP_FAR), *ON_AMQP)),
+    Scenario("far-amqp-100", "asyncsql", 100, "asyncsql", ("io", "noop"),
+             "-P asyncsql -c 100, RabbitMQ and the Redis backend through the proxy",
+             (("BENCH_BROKER", AMQP_FAR), *ON_AMQP)),
+    Scenario("near-amqp-100", "asyncsql", 100, "asyncsql", ("io", "noop"),
+             "-P asyncsql -c 100, RabbitMQ on loopback, the Redis backend through the proxy",
+             (("BENCH_BROKER", AMQP_URL), *ON_AMQP)),
     Scenario("prefork-stock", "prefork", 2, "common", ("noop",),
              "prefork -c 2 no-op, kombu's transport, Redis on loopback"),
     Scenario("loop-100-stock", "asyncsql", 100, "asyncsql", ("noop", "tiny"),
@@ -57,6 +72,8 @@ SCENARIOS = (
 TARGETS = (
     Target("far-100", "io", "far-prefork-stock", "noop", 3.0),
     Target("far-100", "io", "far-100-stock", "io", 2.5),
+    # A round trip per message in the parent would make RabbitMQ 1 ms away much slower.
+    Target("far-amqp-100", "io", "near-amqp-100", "io", 0.8),
     Target("loop-100", "noop", "prefork-stock", "noop", 1.5),
     Target("loop-100", "tiny", "prefork-stock", "noop", 1.0),
     Target("loop-100", "tiny", "loop-100-stock", "tiny", 1.0),
@@ -83,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     counter = functools.partial(command_counts, server)
     counts = {w: args.tasks for w in ("io", "noop", "tiny")}
     batches = []
-    with delay_proxy(args.delay_ms) as rtt_ms:
+    with delay_proxy(args.delay_ms) as rtt_ms, \
+            delay_proxy(args.delay_ms, AMQP_URL, AMQP_PROXY_PORT):
         for round_ in range(1, args.rounds + 1):
             shift = (round_ - 1) % len(scenarios)
             for scenario in scenarios[shift:] + scenarios[:shift]:

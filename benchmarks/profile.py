@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .scenarios import Scenario
+from .settings import BROKER_TRANSPORT
 from .worker import running_worker
 
 TOP = 30
@@ -32,7 +33,9 @@ def record(scenario: Scenario, workload: str, tasks: int, out: Path) -> None:
     if py_spy is None:
         raise SystemExit("py-spy is not installed: pip install -e '.[bench]'")
     out.mkdir(parents=True, exist_ok=True)
-    stacks = out / f"profile-{scenario.name}-{workload}.txt"
+    # BENCH_BROKER_TRANSPORT in the environment runs the worker on another transport.
+    name = f"profile-{scenario.name}-{workload}{'-transport' if BROKER_TRANSPORT else ''}"
+    stacks = out / f"{name}.txt"
     with running_worker(scenario, 0, out / "logs") as worker:
         worker.warm_up(workload)
         spy = subprocess.Popen([py_spy, "record", "--pid", str(worker.process.pid),
@@ -49,8 +52,9 @@ def record(scenario: Scenario, workload: str, tasks: int, out: Path) -> None:
     summary = (f"# Children\n\n{summarize(collapsed, children)}\n"
                f"# Parent (the worker's main process)\n\n"
                f"{summarize(collapsed, {worker.process.pid})}")
-    (out / f"profile-{scenario.name}-{workload}.md").write_text(
-        f"# Profile: {scenario.summary}; {workload}, {tasks} tasks at "
+    transport = f", broker_transport {BROKER_TRANSPORT}" if BROKER_TRANSPORT else ""
+    (out / f"{name}.md").write_text(
+        f"# Profile: {scenario.summary}{transport}; {workload}, {tasks} tasks at "
         f"{batch.throughput:.0f} tasks/s\n\n{summary}")
     print(summary)
 

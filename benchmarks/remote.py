@@ -144,16 +144,20 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @contextmanager
-def delay_proxy(delay_ms: float) -> Iterator[float]:
-    """The proxy in a process of its own, in front of the backend's Redis; its measured RTT."""
-    target = BACKEND_URL.partition("://")[2].partition("/")[0]
+def delay_proxy(delay_ms: float, url: str = BACKEND_URL,
+                port: int = PROXY_PORT) -> Iterator[float]:
+    """The proxy in a process of its own, on ``port`` in front of the server of ``url``.
+
+    Yields the round trip it gives, measured with Redis PINGs (0.0 for another server).
+    """
+    target = url.partition("://")[2].partition("/")[0].rpartition("@")[2]
     process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.proxy", "--listen", str(PROXY_PORT), "--to", target,
+        [sys.executable, "-m", "benchmarks.proxy", "--listen", str(port), "--to", target,
          "--delay-ms", str(delay_ms)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         process.stdout.readline()  # it listens
-        yield measured_rtt_ms(PROXY_PORT)
+        yield measured_rtt_ms(port) if url.startswith("redis") else 0.0
     finally:
         process.terminate()
         process.wait(10)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import importlib
 import sys
 from collections.abc import Callable
@@ -122,6 +123,18 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("kombu.transport.virtual.base.Transport._deliver",
              "kombu/transport/virtual/base.py:1045",
              "hands a fetched message to the channel's consumer callback"),
+    Internal("celery.worker.consumer.consumer.Consumer.create_task_handler",
+             "celery/worker/consumer/consumer.py:798-861, called by celery/worker/loops.py:72,165",
+             "builds the callback each task message goes through; an exception out of it "
+             "stops the worker, so the pool wraps what it returns"),
+    Internal("celery.app.utils.filter_hidden_settings", "celery/app/utils.py:194,472-488",
+             "censors settings by key for `celery report`, `inspect conf`/`report` and "
+             "conf.humanize(): a URL nested in asyncsql_databases passes it, so it is wrapped"),
+    Internal("celery.worker.state.reserved_requests", "celery/worker/state.py:82,165-176",
+             "the requests the worker holds: those not started count against the broker "
+             "transport's visibility budget"),
+    Internal("celery.worker.state.active_requests", "celery/worker/state.py:85,178-190",
+             "the requests a pool slot runs: held, but no longer waiting"),
     Internal("billiard.reduction.DupFd", "billiard/reduction.py:227",
              "hands a pipe end to a spawned child"),
     Internal("billiard.pool.MaybeEncodingError", "billiard/pool.py:207",
@@ -277,6 +290,54 @@ def register_inspect_command(name: str, handler: Callable[..., Any], info: Any) 
         default_timeout=info.default_timeout, help=info.help)(handler)
 
 
+def wrap_task_handler(consumer: Any, wrap: Callable[[Callable[[Any], Any]], Any]) -> None:
+    """Have ``consumer`` pass each task handler it builds through ``wrap``, from now on.
+
+    The consumer builds the handler again each time it (re)starts its loop.
+
+    Raises:
+        CompatibilityError: the consumer no longer builds its task handler this way.
+    """
+    create = getattr(consumer, "create_task_handler", None)
+    if not callable(create):
+        raise CompatibilityError(
+            f"celery {version('celery')}: the worker's consumer has no create_task_handler; "
+            "celery_asyncpool cannot keep a malformed message from stopping the worker")
+    if getattr(create, "wraps_task_handler", False):
+        return
+
+    @functools.wraps(create)
+    def create_wrapped(*args: Any, **kwargs: Any) -> Any:
+        return wrap(create(*args, **kwargs))
+
+    create_wrapped.wraps_task_handler = True  # type: ignore[attr-defined]
+    consumer.create_task_handler = create_wrapped
+
+
+def wrap_hidden_settings_filter(mask: Callable[[Any], Any]) -> None:
+    """Pass what Celery's censored settings views return through ``mask`` too.
+
+    Raises:
+        CompatibilityError: Celery no longer censors settings with this function.
+    """
+    from celery.app import utils
+
+    original = getattr(utils, "filter_hidden_settings", None)
+    if not callable(original):
+        raise CompatibilityError(
+            f"celery {version('celery')}: celery.app.utils has no filter_hidden_settings; "
+            "celery_asyncpool cannot mask database URLs in `celery report`")
+    if getattr(original, "masks_urls", False):
+        return
+
+    @functools.wraps(original)
+    def filtered(conf: Any) -> Any:
+        return mask(original(conf))
+
+    filtered.masks_urls = True  # type: ignore[attr-defined]
+    utils.filter_hidden_settings = filtered
+
+
 def autoscale_of(worker: Any) -> tuple[Any, Any]:
     """``(worker.autoscale, worker.max_concurrency)`` as the Autoscaler step sets them
     (celery/worker/components.py:125-127); None for what the worker lacks."""
@@ -400,6 +461,28 @@ def channel_closing(channel: Any) -> bool:
 def deliver(channel: Any, payload: dict[str, Any], queue: str) -> None:
     """Hand a fetched message to the consumer callback of ``queue``, as kombu's poller does."""
     channel.connection._deliver(payload, queue)
+
+
+def waiting_requests() -> int:
+    """Tasks this worker process holds that wait for a pool slot.
+
+    Celery reserves a request when it may start (an ETA task when it is due) and
+    marks it active when a slot takes it; both sets drop it when it ends. Zero
+    outside a Celery worker: a plain kombu consumer holds no requests.
+    """
+    from celery.worker import state
+
+    return max(0, len(state.reserved_requests) - len(state.active_requests))
+
+
+def forget_requests_of(message: Any) -> None:
+    """Drop what Celery's worker state holds for ``message``: a request reserved for it
+    before its handling failed would count as waiting for a slot forever."""
+    from celery.worker import state
+
+    for request in list(state.reserved_requests):
+        if getattr(request, "message", None) is message:
+            state.task_ready(request)
 
 
 def redis_socket(connection: Any) -> Any:

@@ -20,6 +20,10 @@ where the worker's parent spends its time and its losses:
   unacked entry that still carries this worker's score, so a late ack cannot
   drop the record of a copy redelivered elsewhere after ``visibility_timeout``.
 
+- Budget: a message that waits for a pool slot past ``visibility_timeout`` is
+  restored and runs twice; the channel holds no more waiting messages than
+  the pool, at its measured pace, starts in half that time.
+
 A payload that is not a kombu message (not JSON, or no delivery tag) is moved
 to ``_asyncsql.dead_letter.<queue>`` and logged with the queue and the key;
 stock kombu pops it and loses it on the decode error.
@@ -43,6 +47,7 @@ from kombu.transport import virtual
 
 from . import _compat
 from .broker_scripts import ACK, FETCH
+from .messages import excerpt
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,63 @@ class BatchQoS(kombu_redis.QoS):
         #: delivery tag -> the index score recorded for it ('' where kombu recorded it)
         self.recorded: dict[str, str] = {}
         self._acks: list[tuple[str, str]] = []
+        #: messages the pool started per second while others waited (None: not yet known)
+        self.pace: float | None = None
+        #: what may wait until the pace is known: doubles each time the pool keeps up
+        self.ramp = 1
+        self.ramp_filled = False  # a fetch took all the ramp allowed
+        self.windowed = False  # its consumer set a prefetch window (basic_qos)
+        self._window: tuple[float, int] | None = None  # waiting since, acks since
+
+    def can_consume(self) -> bool:
+        return bool(super().can_consume()) and (not self.budgeted or self.start_budget() > 0)
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether the visibility budget holds this channel back.
+
+        Only the worker's task consumer has one: it sets a prefetch window. kombu
+        asks ``can_consume()`` before reading any reply, so a budget on the
+        control channel would leave broadcasts unread, and one on a client's reply
+        consumer in the worker's process (an ``inspect`` from a thread, the
+        in-process test worker) would leave its replies unread while the worker's
+        tasks wait.
+        """
+        channel: Any = self.channel
+        return bool(channel.visibility_budget) and self.windowed
+
+    def start_budget(self) -> int:
+        """How many more messages the pool will start well within ``visibility_timeout``.
+
+        A message that waits longer than ``visibility_timeout`` for a pool slot is
+        restored and runs twice. Waiting messages start at ``pace`` a second, so at
+        most ``pace * visibility_timeout / 2`` may wait; until the pace is measured,
+        ``ramp``, which doubles each time the pool has started all it was given.
+        """
+        waiting = _compat.waiting_requests()
+        if self.pace is None:
+            if self.ramp_filled and not waiting:
+                self.ramp, self.ramp_filled = min(2 * self.ramp, 1 << 20), False
+            return max(0, self.ramp - waiting)
+        channel: Any = self.channel
+        return max(0, int(self.pace * channel.visibility_timeout / 2) - waiting)
+
+    def _measure(self) -> None:
+        """Count this ack towards the pace, over windows of a second in which messages waited."""
+        if not _compat.waiting_requests():
+            self._window = None
+            return
+        now = time.monotonic()
+        if self._window is None:
+            self._window = (now, 0)
+            return
+        since, acks = self._window[0], self._window[1] + 1
+        if now - since < 1.0:
+            self._window = (since, acks)
+            return
+        pace = acks / (now - since)
+        self.pace = pace if self.pace is None else (self.pace + pace) / 2
+        self._window = (now, 0)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if delivery_tag in self.recorded:  # the fetch script recorded it already
@@ -87,6 +149,8 @@ class BatchQoS(kombu_redis.QoS):
                            delivery_tag)
             return
         self._acks.append((delivery_tag, self.recorded.pop(delivery_tag, "")))
+        if self.budgeted:
+            self._measure()
         hub = get_event_loop()
         if hub is None:
             self.flush_acks()
@@ -194,8 +258,10 @@ class Channel(kombu_redis.Channel):
 
     QoS = BatchQoS
     fetch_limit = 100
+    #: hold no more waiting tasks than the pool starts in half of visibility_timeout
+    visibility_budget = True
     from_transport_options: tuple[str, ...] = (  # type: ignore[assignment, unused-ignore]
-        *kombu_redis.Channel.from_transport_options, "fetch_limit")
+        *kombu_redis.Channel.from_transport_options, "fetch_limit", "visibility_budget")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -208,6 +274,11 @@ class Channel(kombu_redis.Channel):
     @property
     def batch_qos(self) -> BatchQoS:
         return cast(BatchQoS, self.qos)
+
+    def basic_qos(self, prefetch_size: int = 0, prefetch_count: int = 0,
+                  apply_global: bool = False) -> None:
+        self.batch_qos.windowed = True
+        super().basic_qos(prefetch_size, prefetch_count, apply_global)
 
     @property
     def lost_connection(self) -> tuple[type[BaseException], ...]:
@@ -257,7 +328,10 @@ class Channel(kombu_redis.Channel):
             # with a check of the pool's free slots: take one message at a time.
             return 1
         free = self.batch_qos.can_consume_max_estimate()
-        return self.fetch_limit if free is None else max(1, min(free, self.fetch_limit))
+        count = self.fetch_limit if free is None else max(1, min(free, self.fetch_limit))
+        if not self.batch_qos.budgeted:
+            return count
+        return min(count, max(1, self.batch_qos.start_budget()))
 
     # -- reading them -----------------------------------------------------------------
 
@@ -295,6 +369,7 @@ class Channel(kombu_redis.Channel):
         taken, dead = reply
         self._popped = None
         self._wake = len(taken) // 3 + len(dead) // 2 < count  # the queues ran dry
+        self.batch_qos.ramp_filled |= not self._wake
         for index, dead_key in zip(dead[::2], dead[1::2]):
             logger.error(
                 "A message in queue %r is not a kombu message (JSON with a delivery tag, "
@@ -313,8 +388,22 @@ class Channel(kombu_redis.Channel):
         for queue, payload, tag in batch:
             self.batch_qos.recorded[tag] = scored
             cycle.rotate(queue)
-            _compat.deliver(self, json.loads(payload), queue)
+            try:
+                _compat.deliver(self, json.loads(payload), queue)
+            except self.lost_connection:
+                raise
+            except Exception as exc:  # noqa: BLE001 - kombu or Celery would stop the worker
+                self._dead_letter(queue, tag, payload, exc)
         return True
+
+    def _dead_letter(self, queue: str, tag: str, payload: bytes, exc: Exception) -> None:
+        """Move a payload kombu or Celery could not take to the dead-letter list, logged."""
+        dead = DEAD_LETTER.format(queue=queue)
+        logger.error("A message in queue %r could not be delivered (%s: %s): moved to the Redis "
+                     "list %r. It begins: %s", queue, type(exc).__name__, exc, dead,
+                     excerpt(payload))
+        self._raw_client().rpush(self.prefixed([dead])[0], payload)
+        self.batch_qos.ack(tag)
 
     def _queue_of(self, key: str) -> str:
         return key.rsplit(self.sep, 1)[0]
@@ -378,7 +467,8 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     """kombu's Sentinel channel with batched fetches and acks."""
 
     from_transport_options: tuple[str, ...] = (  # type: ignore[assignment, unused-ignore]
-        *kombu_redis.SentinelChannel.from_transport_options, "fetch_limit")
+        *kombu_redis.SentinelChannel.from_transport_options, "fetch_limit",
+        "visibility_budget")
 
 
 _compat.bind_redis_poll(Channel, Channel.start_poll, Channel.read_poll)

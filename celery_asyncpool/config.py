@@ -66,9 +66,17 @@ OPTIONS: tuple[Option, ...] = (
            "expire_on_commit defaults to False.",
            _is_str_dict),
     Option("asyncsql_databases", {}, "a dict of name -> URL string or "
-           "{'url': ..., 'engine_options': {...}, 'session_options': {...}}",
+           "{'url': ..., 'engine_options': {...}, 'session_options': {...}, "
+           "'pgbouncer': True or False}",
            "More databases, reached with session(name) and engine(name).",
            _is_str_dict),
+    Option("asyncsql_pgbouncer", False, "True or False",
+           "The databases sit behind a transaction-mode pooler (PgBouncer): each engine "
+           "is set up for it (asyncpg: no statement caches, unnamed statements; psycopg: "
+           "no prepared statements). Per database: 'pgbouncer' in its asyncsql_databases "
+           "entry. `celery asyncsql check` fails, and a worker warns, when a pooler is "
+           "found without it (docs/pgbouncer.md).",
+           lambda v: isinstance(v, bool)),
     Option("asyncsql_connection_cap", 80, "a whole number >= 1",
            "Most database connections all children of one worker may hold, per "
            "database; pool_size defaults are lowered to stay within it.",
@@ -113,6 +121,7 @@ class DatabaseSettings:
     url: str
     engine_options: Mapping[str, Any]
     session_options: Mapping[str, Any]
+    pgbouncer: bool = False  # behind a transaction-mode pooler: no server-side statements
 
     @property
     def masked_url(self) -> str:
@@ -127,18 +136,22 @@ def masked_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+_SECRET_KEY = re.compile("pass|secret|token", re.IGNORECASE)
+SECRET_MASK = "********"
 _URL_PASSWORD = re.compile(r"([a-zA-Z][\w+.-]*://[^:/?#@\s'\"]*):[^@/?#\s'\"]+@")
 
 
 def masked_values(value: Any) -> Any:
-    """``value`` with the password of every URL in its strings hidden, at any depth.
+    """``value`` with the password of every URL in its strings hidden, at any depth,
+    and every value under a key that names a secret (``connect_args={"password": ...}``).
 
     Celery censors a setting by its key alone, so a URL nested in
-    ``asyncsql_databases`` would otherwise reach ``inspect conf`` and
-    ``inspect report`` as written.
+    ``asyncsql_databases`` would otherwise reach ``inspect conf``, ``inspect
+    report`` and ``celery report`` as written.
     """
     if isinstance(value, Mapping):
-        return {key: masked_values(item) for key, item in value.items()}
+        return {key: SECRET_MASK if isinstance(key, str) and _SECRET_KEY.search(key)
+                else masked_values(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [masked_values(item) for item in value]
     if isinstance(value, str):
@@ -252,7 +265,7 @@ def _databases(values: Mapping[str, Any]) -> tuple[DatabaseSettings, ...]:
         found.append(_database(
             DEFAULT_DATABASE, url,
             values["asyncsql_engine_options"], values["asyncsql_session_options"],
-            key="asyncsql_database_url",
+            key="asyncsql_database_url", pgbouncer=values["asyncsql_pgbouncer"],
         ))
     for name, spec in values["asyncsql_databases"].items():
         key = f"asyncsql_databases[{name!r}]"
@@ -261,36 +274,44 @@ def _databases(values: Mapping[str, Any]) -> tuple[DatabaseSettings, ...]:
                 f"Setting {key} names the database 'default', which "
                 "asyncsql_database_url already defines; set only one of them."
             )
-        found.append(_database_from_spec(name, spec, key))
+        found.append(_database_from_spec(name, spec, key, values["asyncsql_pgbouncer"]))
     return tuple(found)
 
 
-def _database_from_spec(name: str, spec: Any, key: str) -> DatabaseSettings:
+def _database_from_spec(name: str, spec: Any, key: str, pgbouncer: bool) -> DatabaseSettings:
     if isinstance(spec, str):
-        return _database(name, spec, {}, {}, key=key)
-    allowed = {"url", "engine_options", "session_options"}
+        return _database(name, spec, {}, {}, key=key, pgbouncer=pgbouncer)
+    allowed = {"url", "engine_options", "session_options", "pgbouncer"}
     if not _is_str_dict(spec) or "url" not in spec or set(spec) - allowed:
         raise ConfigurationError(
-            f"Setting {key} has value {spec!r}; expected a URL string or a dict "
-            "with 'url' and optionally 'engine_options' and 'session_options'."
+            f"Setting {key} has value {masked_values(spec)!r}; expected a URL string or a "
+            "dict with 'url' and optionally 'engine_options', 'session_options' and "
+            "'pgbouncer'."
         )
     for part in ("engine_options", "session_options"):
         if not _is_str_dict(spec.get(part, {})):
             raise ConfigurationError(
                 f"Setting {key}[{part!r}] has value {spec[part]!r}; expected a dict."
             )
+    if not isinstance(spec.get("pgbouncer", pgbouncer), bool):
+        raise ConfigurationError(
+            f"Setting {key}['pgbouncer'] has value {spec['pgbouncer']!r}; expected True or "
+            "False."
+        )
     return _database(name, spec["url"], spec.get("engine_options", {}),
-                     spec.get("session_options", {}), key=key)
+                     spec.get("session_options", {}), key=key,
+                     pgbouncer=spec.get("pgbouncer", pgbouncer))
 
 
 def _database(name: str, url: Any, engine_options: Mapping[str, Any],
-              session_options: Mapping[str, Any], *, key: str) -> DatabaseSettings:
+              session_options: Mapping[str, Any], *, key: str,
+              pgbouncer: bool = False) -> DatabaseSettings:
     if not isinstance(url, str):
         raise ConfigurationError(
             f"Setting {key} has value {url!r}; expected an async SQLAlchemy URL string."
         )
     _check_async_url(url, key)
-    return DatabaseSettings(name, url, dict(engine_options), dict(session_options))
+    return DatabaseSettings(name, url, dict(engine_options), dict(session_options), pgbouncer)
 
 
 def _check_async_url(url: str, key: str) -> None:

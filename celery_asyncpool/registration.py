@@ -14,10 +14,12 @@ The worker's ``Pool`` bootstep hands the pool only ``min_concurrency``
 on the worker. A ``worker_init`` receiver remembers the worker being built,
 so the pool can lay its children out for that maximum (``autoscale_maximum``).
 
-``inspect conf`` and ``inspect report`` (``celery/worker/control.py``)
-censor settings by key, which misses a URL nested in ``asyncsql_databases``.
-Another ``worker_init`` receiver re-registers both commands, through Celery's
-own ``inspect_command``, to hide the password of every URL in their replies.
+``inspect conf``, ``inspect report`` (``celery/worker/control.py``) and
+``celery report`` censor settings by key, which misses a URL nested in
+``asyncsql_databases``. Celery's censoring function is wrapped to hide the
+password of every URL in what it returns; a ``worker_init`` receiver also
+re-registers both inspect commands, through Celery's own ``inspect_command``,
+to mask the rest of their replies.
 
 A bad setting raises ``ConfigurationError`` while the worker is built; the
 ``celery worker`` command's callback is wrapped to print it as a click error
@@ -62,6 +64,7 @@ def register() -> None:
                                 dispatch_uid="celery_asyncpool.mask_inspect_replies")
     signals.import_modules.connect(_watch_engines, weak=False,
                                    dispatch_uid="celery_asyncpool.watch_engines")
+    _compat.wrap_hidden_settings_filter(masked_values)
     worker_cli = _compat.worker_cli()
     if worker_cli is not None:
         _compat.extend_pool_choices(worker_cli, POOL_NAME)
@@ -115,6 +118,12 @@ def _remember_worker(sender: Any = None, **_: Any) -> None:
     """``worker_init`` (sent by ``WorkController.setup_instance``): the worker being built."""
     global _worker
     _worker = None if sender is None else weakref.ref(sender)
+
+
+def worker_of(pool: Any) -> Any | None:
+    """The worker this module saw start, if ``pool`` is its pool."""
+    worker = None if _worker is None else _worker()
+    return worker if worker is not None and getattr(worker, "pool", None) is pool else None
 
 
 def autoscale_maximum(limit: int) -> int | None:

@@ -26,6 +26,9 @@ Child to parent:
 - ``(STATS, snapshot)``: in-flight count and engine pool use, every
   ``STATS_INTERVAL_S`` from the child's loop: the parent also reads it as a
   sign that the loop runs.
+- ``(BLOCKED, blocked)``: from the loop watchdog's thread, ``True`` when the
+  loop has not run for ``asyncsql_loop_block_warning_s``, ``False`` once it runs
+  again: no new job goes to a child whose loop cannot start it.
 - ``(BYE,)``: the child has disposed its engines and is exiting.
 """
 
@@ -47,6 +50,7 @@ ACK = "ack"
 READY = "ready"
 DRAINING = "draining"
 STATS = "stats"
+BLOCKED = "blocked"
 BYE = "bye"
 
 STATS_INTERVAL_S = 1.0

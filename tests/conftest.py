@@ -17,7 +17,8 @@ import sys
 import pytest
 
 # Broker and result-backend databases per xdist shard; no shard is "master".
-_SHARD_DATABASES = {"master": (14, 15), "gw0": (14, 15), "gw1": (4, 5), "gw2": (2, 3)}
+_SHARD_DATABASES = {"master": (14, 15), "gw0": (14, 15), "gw1": (4, 5), "gw2": (2, 3),
+                    "gw3": (1, 8)}  # 1: the peers smoke run (its own CI part); 8: by hand
 _broker_db, _backend_db = _SHARD_DATABASES[os.environ.get("PYTEST_XDIST_WORKER", "master")]
 os.environ.setdefault("ITEST_BROKER", f"redis://127.0.0.1:6379/{_broker_db}")
 os.environ.setdefault("ITEST_BACKEND", f"redis://127.0.0.1:6379/{_backend_db}")

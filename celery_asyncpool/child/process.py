@@ -9,6 +9,7 @@ may bind to it, then the bridges go in, then the engines and start hooks.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,19 @@ def child_entry(parent_fds: list[int], app: Any, hostname: str, slots: int, proc
     child_main(app, hostname, slots, processes, job.fd, report.fd, *limits)
 
 
+def ignore_group_sigterm() -> None:
+    """Ignore SIGTERM, unless a ``worker_process_init`` handler installed its own.
+
+    The parent never stops a child with SIGTERM (it asks over the pipe, and
+    kills with SIGKILL). A SIGTERM here comes from outside, usually to the
+    whole process group: systemd's ``KillMode=control-group`` on every restart,
+    ``kill -- -PGID``. The parent gets it too and shuts down warm, so the
+    child's tasks in flight must finish, not die with it.
+    """
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: int,
                report_fd: int, max_tasks: int | None, max_memory_kb: int | None) -> None:
     """Set up this freshly forked child, serve jobs until told to stop, tear down, say BYE.
@@ -49,6 +63,7 @@ def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: i
         SystemExit: ``START_FAILED_EXITCODE``, ``RESTART_DELAY_S`` after an
             ``on_child_start`` hook failed; no UP was sent.
     """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the handler inherited is the parent's
     make_inherited_engines_safe()
     forget_inherited_loops()
     settings = Settings.from_conf(app.conf)
@@ -57,7 +72,8 @@ def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: i
         sys.setswitchinterval(settings.switch_interval_s)
     runtime = Runtime(settings, Sizing(slots, processes, settings.connection_cap),
                       own_thread=False)
-    _compat.process_initializer(app, hostname)
+    _compat.process_initializer(app, hostname)  # resets SIGTERM to its default
+    ignore_group_sigterm()
     async_tasks = install_bridges(app, runtime, hostname)
     if settings.results_off_loop:
         runtime.closers.append(celery_io.install(app).aclose)

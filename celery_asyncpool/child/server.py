@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import resource
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ class ReportPipe:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.broken = False
+        self._lock = threading.Lock()  # the loop watchdog's thread reports too
 
     def send(self, message: tuple[Any, ...]) -> None:
         self.write(wire.encode(message))
@@ -58,7 +60,8 @@ class ReportPipe:
         if self.broken:
             return
         try:
-            wire.write_all(self.fd, data)
+            with self._lock:
+                wire.write_all(self.fd, data)
         except OSError as exc:
             self.broken = True
             logger.warning("The report pipe to the parent is broken (%s): this child finishes "
@@ -135,9 +138,13 @@ class JobServer:
         threshold_s = self._runtime.settings.loop_block_warning_s
         if threshold_s is None:
             return None
-        watchdog = Watchdog(self._loop, threshold_s, self._describe)
+        watchdog = Watchdog(self._loop, threshold_s, self._describe, self._report_blocked)
         watchdog.start()
         return watchdog
+
+    def _report_blocked(self, blocked: bool) -> None:
+        """From the watchdog's thread: tell the parent to send no new job while blocked."""
+        self._reports.send((wire.BLOCKED, blocked))
 
     def _describe(self, running: asyncio.Task[Any] | None) -> str:
         """The job whose Task ``running`` is (its tracer's or its body's), for the watchdog.

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # What the loop runs, described for the warning; given the asyncio Task running (or None).
 Describe = Callable[["asyncio.Task[Any] | None"], str]
+# Told, from the watchdog's thread, when an episode starts (True) and ends (False).
+OnEpisode = Callable[[bool], None]
 
 _LOOP_CALLBACK_CODE = _compat.loop_callback_code()  # every callback and Task step
 BEATS_PER_THRESHOLD = 4
@@ -42,8 +44,9 @@ class Watchdog:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, threshold_s: float,
-                 describe: Describe) -> None:
+                 describe: Describe, on_episode: OnEpisode | None = None) -> None:
         self.threshold_s = threshold_s
+        self._on_episode = on_episode
         self.interval_s = threshold_s / BEATS_PER_THRESHOLD
         self._loop = loop
         self._describe = describe
@@ -82,12 +85,18 @@ class Watchdog:
             logger.info("The event loop of this asyncsql child runs again after being blocked "
                         "for about %.1fs.", beat - self._warned_beat - self.interval_s)
             self._warned_beat = None
+            self._tell(False)
         overdue_s = self.overdue_s(now)
         if overdue_s <= self.threshold_s or self._warned_beat is not None:
             return False
         self._warned_beat = beat
         self._warn(overdue_s)
+        self._tell(True)
         return True
+
+    def _tell(self, blocked: bool) -> None:
+        if self._on_episode is not None:
+            self._on_episode(blocked)
 
     def _tick(self) -> None:
         self._beat = time.monotonic()

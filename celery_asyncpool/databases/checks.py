@@ -7,7 +7,7 @@ import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
-from ..config import Settings, new_event_loop
+from ..config import DatabaseSettings, Settings, masked_values, new_event_loop
 from ..errors import ConfigurationError
 from .budget import RESULT_BACKEND, Entry, connection_budget, over_max_connections, server_of
 from .engines import Databases, Sizing, check_engine_options, connections_per_process, \
@@ -34,7 +34,7 @@ def run_check(app: Any, slots: int, *, echo: Callable[[str], Any]) -> list[str]:
         options = engine_options(database, sizing)
         per_child = connections_per_process(database, sizing)
         echo(f"database {database.name!r}: {database.masked_url}")
-        echo(f"  engine options: {options!r}")
+        echo(f"  engine options: {masked_values(options)!r}")
         echo(f"  connections: {per_child} per process, {per_child * processes} in all")
     budget = connection_budget(app.conf, settings, sizing)
     for entry in budget:
@@ -91,7 +91,7 @@ async def _probe_all(settings: Settings, sizing: Sizing, budget: tuple[Entry, ..
     limits: dict[str, int] = {}
     try:
         for database in settings.databases:
-            probe = _probe_one(databases, database.name, echo)
+            probe = _probe_one(databases, database, echo)
             reached = await _within(probe, timeout_s, database.name)
             if isinstance(reached, int):
                 limits[server_of(database.url)] = reached
@@ -110,20 +110,44 @@ async def _within(probe: Any, timeout_s: float | None, name: str) -> int | str |
         return f"Database {name!r} did not answer within {timeout_s}s."
 
 
-async def _probe_one(databases: Databases, name: str,
+async def _probe_one(databases: Databases, database: DatabaseSettings,
                      echo: Callable[[str], Any]) -> int | str | None:
-    """The server's ``max_connections`` (None where unknown), or why it cannot be reached."""
+    """The server's ``max_connections`` (None where unknown), or what is wrong with it."""
     from sqlalchemy import text
 
+    name = database.name
     built = databases.engine(name)
     try:
         async with built.connect() as connection:
             await connection.execute(text("SELECT 1"))
-            limit = None
+            limit = pooled = None
             if built.dialect.name == "postgresql":
                 limit = int((await connection.execute(text("SHOW max_connections"))).scalar_one())
+                pooled = await _pooler_in_front(connection)
     except Exception as exc:
-        return (f"Database {name!r} ({built.url.render_as_string(hide_password=True)}) "
+        return (f"Database {name!r} ({database.masked_url}) "
                 f"cannot be reached: {type(exc).__name__}: {exc}")
-    echo(f"database {name!r}: connected" + (f", server max_connections = {limit}" if limit else ""))
+    if pooled and not database.pgbouncer:
+        return (f"Database {name!r} ({database.masked_url}) is reached through a connection "
+                "pooler (PgBouncer or the like): the backend the driver was told of at "
+                "connect is not the one that answers. In transaction mode asyncpg's prepared "
+                "statements fail there; set asyncsql_pgbouncer = True (or 'pgbouncer': True "
+                "in its asyncsql_databases entry). See docs/pgbouncer.md.")
+    echo(f"database {name!r}: connected" + (f", server max_connections = {limit}" if limit else "")
+         + (", through a pooler (engines set up for it)" if pooled else ""))
     return limit
+
+
+async def _pooler_in_front(connection: Any) -> bool:
+    """Whether a pooler stands between the driver and the server, idle or not.
+
+    A pooler answers the connect itself, with a backend pid of its own making;
+    ``pg_backend_pid()`` is the server's.
+    """
+    from sqlalchemy import text
+
+    driver = (await connection.get_raw_connection()).driver_connection
+    told = (driver.get_server_pid() if hasattr(driver, "get_server_pid")  # asyncpg
+            else driver.info.backend_pid)  # psycopg
+    actual = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    return bool(told != actual)

@@ -51,11 +51,41 @@ def engine_options(database: DatabaseSettings, sizing: Sizing) -> dict[str, Any]
     the user did not set it; other pool classes are left as configured.
     """
     options = dict(database.engine_options)
+    if database.pgbouncer:
+        options["connect_args"] = {**pooler_connect_args(database.url),
+                                   **options.get("connect_args", {})}
     if sizing.slots is not None and _is_queue_pool(_pool_class(database)):
         share = max(1, sizing.connection_cap // sizing.processes)
         options.setdefault("pool_size", max(1, min(sizing.slots, share)))
         options.setdefault("max_overflow", 0)
     return options
+
+
+def pooler_connect_args(url: str) -> dict[str, Any]:
+    """The driver's options for a transaction-mode pooler: nothing prepared server-side
+    outlives its transaction.
+
+    PgBouncer in transaction mode hands each transaction any server connection
+    and runs no reset query, so a named statement prepared in one is missing in
+    the next, or already taken, and unique names pile up on the server. asyncpg
+    with its cache off sends unnamed statements, parsed again with each execute;
+    SQLAlchemy's own cache off and an empty name keep it so. psycopg prepares
+    nothing with ``prepare_threshold`` None.
+    """
+    from sqlalchemy.engine import make_url
+
+    driver = make_url(url).get_driver_name()
+    if driver == "asyncpg":
+        return {"statement_cache_size": 0, "prepared_statement_cache_size": 0,
+                "prepared_statement_name_func": unnamed_statement}
+    if driver == "psycopg":
+        return {"prepare_threshold": None}
+    return {}
+
+
+def unnamed_statement() -> str:
+    """PostgreSQL's unnamed statement: replaced by the next, never left on the server."""
+    return ""
 
 
 def check_engine_options(settings: Settings, sizing: Sizing) -> None:

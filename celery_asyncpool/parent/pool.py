@@ -20,7 +20,7 @@ from billiard import get_context
 from celery.concurrency.base import BasePool
 from kombu.asynchronous import get_event_loop
 
-from .. import _compat, results
+from .. import _compat, messages, results
 from ..child.process import child_entry
 from ..config import Settings
 from ..databases.budget import connection_budget, describe, most_children
@@ -28,7 +28,7 @@ from ..databases.checks import startup_warnings
 from ..databases.engines import Sizing, check_engine_options
 from ..databases.fork import watch_engines
 from ..errors import ConfigurationError
-from ..registration import POOL_PATH, autoscale_maximum
+from ..registration import POOL_PATH, autoscale_maximum, worker_of
 from ..wire import PipeEnd, make_pipe
 from .driver import LoopDriver
 from .supervisor import Supervisor
@@ -84,6 +84,9 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
             # As prefork does for spawn: Celery keys a fresh interpreter's set-up (how
             # @app.task binds, the fast tracer's registry) off this variable.
             os.environ["FORKED_BY_MULTIPROCESSING"] = "1"
+        worker = worker_of(self)
+        if worker is not None and getattr(worker, "consumer", None) is not None:
+            messages.guard(worker.consumer)
         if self.settings.results_off_loop:
             # The states this parent writes (REVOKED, a hard limit's, a lost worker's) never
             # replace a SUCCESS a child stored; the children inherit it.

@@ -33,8 +33,8 @@ from billiard.einfo import ExceptionInfo
 from billiard.exceptions import Terminated, WorkerLostError
 
 from .. import wire
-from ..wire import ACK, BYE, CANCEL, DRAINING, HARD, JOB, READY, REVOKE, SHUTDOWN, SOFT, \
-    STATS, STATS_INTERVAL_S, STOP, UP, task_label
+from ..wire import ACK, BLOCKED, BYE, CANCEL, DRAINING, HARD, JOB, READY, REVOKE, SHUTDOWN, \
+    SOFT, STATS, STATS_INTERVAL_S, STOP, UP, task_label
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +154,14 @@ class ChildProcess:
         self.up = False
         self.draining = False
         self.stuck = False  # runs a cancelled job that will not end: killed once it runs no other
+        self.blocked = False  # its loop watchdog says the loop does not run: no new jobs
         self.gone = False
         self.stats: dict[str, Any] = {}
         self.stats_at: float | None = None
 
     @property
     def free_slots(self) -> int:
-        if not self.up or self.draining or self.gone:
+        if not self.up or self.draining or self.gone or self.blocked:
             return 0
         free = self.slots - len(self.jobs)
         return free if self.max_jobs is None else min(free, self.max_jobs - self.sent)
@@ -285,8 +286,18 @@ class Supervisor:
         elif kind == DRAINING:
             logger.info("asyncsql child %s drains and will be replaced: %s", child.pid, message[1])
             child.draining = True
+        elif kind == BLOCKED:
+            self._on_blocked(child, bool(message[1]))
         elif kind == BYE:
             child.draining = True
+
+    def _on_blocked(self, child: ChildProcess, blocked: bool) -> None:
+        child.blocked = blocked
+        if blocked:
+            logger.info("asyncsql child %s: its event loop is blocked; no new task goes to it "
+                        "until the loop runs again", child.pid)
+        else:
+            self.dispatch()
 
     @_entry
     def _on_exit(self, child: ChildProcess) -> None:

@@ -142,6 +142,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
     _results.left_out += [item.nodeid for item in dropped]
+    _expect_prefork_failures(items)
+
+
+def _expect_prefork_failures(items: list[pytest.Item]) -> None:
+    """A test that did not pass on prefork (not in ``CELERY_SUITE_REFERENCE``, which
+    ``run.py`` gives on -P asyncsql) is an expected failure here: the pool is held to
+    prefork's results, not to tests that fail in this environment on any pool."""
+    reference = os.environ.get("CELERY_SUITE_REFERENCE")
+    if not reference:
+        return
+    with open(reference) as handle:
+        passed_on_prefork = set(handle.read().splitlines())
+    marker = pytest.mark.xfail(reason=f"did not pass on prefork either ({reference})",
+                               strict=False)
+    for item in items:
+        if item.nodeid not in passed_on_prefork:
+            item.add_marker(marker)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -115,21 +115,25 @@ def wait_settled(task_ids: list[str], timeout_s: float,
 
 
 def settle(fault: str, task_ids: Iterable[str], *, run: str | None, timeout_s: float = 120,
-           backend: DatabaseBackend | None = None, redis_url: str = BACKEND_URL) -> Account:
+           backend: DatabaseBackend | None = None, redis_url: str = BACKEND_URL,
+           ledger: Callable[[str], Counter[str]] | None = None, report: bool = True) -> Account:
     """Wait for every task's outcome, then account for each; the account is also reported.
 
     ``run`` names the ledger rows of tasks that write an effect; None for tasks
     that write none, which are then accounted by their stored state alone.
     Outcomes are read from the Redis result backend (``redis_url``), or from
-    Celery's database result backend ``backend`` when given.
+    Celery's database result backend ``backend`` when given; effects are counted by
+    ``ledger`` (``fault_ledger``'s rows by default). ``report=False`` leaves it out of the
+    fault suite's table (the caller has one of its own).
     """
     task_ids = list(task_ids)
     metas = wait_settled(task_ids, timeout_s, backend, redis_url)
-    counts = effects(run) if run is not None else None
+    counts = (ledger or effects)(run) if run is not None else None
     account = Account(fault, len(task_ids))
     for task_id in task_ids:
         _classify(account, task_id, metas.get(task_id), counts)
-    ACCOUNTS.append(account)
+    if report:
+        ACCOUNTS.append(account)
     return account
 
 

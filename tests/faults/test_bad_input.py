@@ -86,6 +86,24 @@ def test_a_task_blocking_the_loop_is_named_and_delays_but_spares_its_siblings(wo
     assert_siblings_ran_once(case, bad_succeeded=True)
 
 
+def test_a_child_whose_loop_is_blocked_is_sent_no_new_task_until_it_runs_again(worker):
+    """The blocker's child has more free slots than its sibling, yet the tasks sent once its
+    watchdog has spoken all go to the other child, and none waits out the block."""
+    run = uuid.uuid4().hex
+    worker.wait_for_children(2)
+    blocker = worker.send(bad.blocks_loop, run, 4)
+    eventually(lambda: pg_scalar("SELECT count(*) FROM fault_ledger WHERE task_id = %s",
+                                 blocker.id), 10, "the blocker started")
+    assert_logged(worker, f"{bad.blocks_loop.name}[{blocker.id}]", "blocks it")
+    eventually(lambda: "its event loop is blocked; no new task goes to it" in worker.logs(), 5,
+               "the parent told")
+    after = [worker.send(effect, run, 0.0) for _ in range(SIBLINGS)]
+    pids = {result.get(timeout=3) for result in after}  # well within the 4 s block
+    assert blocker.get(timeout=30) not in pids, "none went to the blocked child"
+    account = settle("a sibling sent after a loop blocker", [r.id for r in after], run=run)
+    assert account.once == SIBLINGS
+
+
 def test_a_task_swallowing_cancellation_is_failed_and_its_child_replaced_after_its_siblings(
         worker):
     # Its siblings outlast the hard limit and the grace: they still finish.

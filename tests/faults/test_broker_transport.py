@@ -28,7 +28,9 @@ from .tasks_crash import INCLUDE, marked_effect_late, starts, sync_marked_effect
 pytestmark = pytest.mark.serial  # kills workers and a Redis server under load
 
 OURS = "celery_asyncpool.broker:Transport"
-TRANSPORTS = [pytest.param(None, id="kombu"), pytest.param(OURS, id="ours")]
+# The controls on kombu's transport and prefork run in CI's load part, to keep scripts/test
+# within its ten minutes.
+CONTROL = pytest.mark.load
 VISIBILITY = {"visibility_timeout": 4, "unacked_restore_interval": 1,
               "unacked_restore_throttle": 1}
 
@@ -41,7 +43,8 @@ def conf(transport: str | None, **more) -> dict:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", [pytest.param(None, id="kombu", marks=CONTROL),
+                                       pytest.param(OURS, id="ours")])
 def test_a_worker_killed_mid_batch_loses_nothing(worker_factory, transport):
     """SIGKILL while batches are fetched, delivered and acked: another worker runs what the
     dead one held after visibility_timeout; every task at least once, none missing. kombu's
@@ -99,7 +102,7 @@ def durable_redis(path: Path) -> Iterator[tuple[str, callable]]:
 
 
 POOLS = [pytest.param("asyncsql", 50, marked_effect_late, id="asyncsql"),
-         pytest.param("prefork", 8, sync_marked_effect_late, id="prefork")]
+         pytest.param("prefork", 8, sync_marked_effect_late, id="prefork", marks=CONTROL)]
 
 
 @pytest.mark.timeout(300)
@@ -124,6 +127,7 @@ def test_redis_restarted_mid_run_loses_nothing(worker_factory, tmp_path, pool, s
     assert account.missing == [] and account.failed_total == 0, account.reasons
 
 
+@pytest.mark.load
 @pytest.mark.timeout(420)
 def test_a_burst_of_20000_at_c100_leaves_no_unacked_entry(worker_factory):
     run = uuid.uuid4().hex

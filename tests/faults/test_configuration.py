@@ -19,6 +19,7 @@ WRONG = {  # one wrong type or range for every setting; a new setting must be ad
     "asyncsql_engine_options": ["pool_size"],
     "asyncsql_session_options": "expire_on_commit=False",
     "asyncsql_databases": ["reports"],
+    "asyncsql_pgbouncer": "transaction",
     "asyncsql_connection_cap": 0,
     "asyncsql_hook_timeout_s": 0,
     "asyncsql_cancel_grace_s": -1,

@@ -25,7 +25,8 @@ from .accounting import Account, figure, publish, settle, wait_settled
 from .sampling import Connections, Holdings, Peak, holdings
 from .tasks import INCLUDE, effect
 
-pytestmark = pytest.mark.serial  # it takes 80 of PostgreSQL's 100 connections
+# It takes 80 of PostgreSQL's 100 connections and both cores: .ci/run runs it alone.
+pytestmark = [pytest.mark.serial, pytest.mark.load]
 
 CONCURRENCY = 100
 BURST = 20_000

@@ -14,8 +14,11 @@ from .tasks import INCLUDE, select_one
 PASSWORD = "s3cr3t-pw"  # trust auth on the test server accepts any password
 URL = f"postgresql+asyncpg://postgres:{PASSWORD}@127.0.0.1:5432/test"
 UNREACHABLE = f"postgresql+asyncpg://postgres:{PASSWORD}@127.0.0.1:1/test"
-CONF = {"asyncsql_databases": {"reports": UNREACHABLE,
-                               "archive": {"url": UNREACHABLE, "engine_options": {}}}}
+CONF = {"asyncsql_databases": {
+    "reports": UNREACHABLE,
+    "archive": {"url": UNREACHABLE,
+                "engine_options": {"connect_args": {"password": PASSWORD}}}},
+    "asyncsql_engine_options": {"connect_args": {"password": PASSWORD}}}
 
 
 def _inspect_everything(worker) -> dict[str, str]:
@@ -37,6 +40,8 @@ def test_a_database_password_appears_in_no_log_banner_inspect_reply_or_stored_er
         replies = _inspect_everything(worker)
         worker.stop()
     check = celery("asyncsql", "check", conf={**CONF, "asyncsql_database_url": URL})
+    report = celery("report", conf={**CONF, "asyncsql_database_url": URL})
+    assert report.returncode == 0 and "asyncsql_databases" in report.stdout, report.stderr
     results = json.dumps(stored(ids))
     assert account.missing == [] and account.once == 4
     assert set(account.failed) == {"ConnectionRefusedError"}, account.reasons
@@ -44,7 +49,8 @@ def test_a_database_password_appears_in_no_log_banner_inspect_reply_or_stored_er
     assert "postgres:***@127.0.0.1:1/test" in logs, "the banner names the databases, masked"
     assert "postgres:***@127.0.0.1:1/test" in check.stdout + check.stderr
     for where, text in [("worker log", logs), *replies.items(), ("stored results", results),
-                        ("check", check.stdout + check.stderr)]:
+                        ("check", check.stdout + check.stderr),
+                        ("`celery report`", report.stdout + report.stderr)]:
         assert PASSWORD not in text, f"the password leaked into the {where}"
 
 

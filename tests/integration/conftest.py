@@ -15,7 +15,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import psutil
@@ -23,10 +23,17 @@ import psycopg
 import pytest
 import redis
 
-from celery_asyncpool.pytest_plugin import AsyncsqlWorker, asyncsql_worker_process
+from celery_asyncpool.pytest_plugin import (
+    AsyncsqlWorker,
+    asyncsql_worker_process,
+    start_worker,
+    worker_command,
+)
+from tests.netns import Host
 
 ROOT = Path(__file__).resolve().parents[2]
-PG_DSN = "postgresql://postgres@127.0.0.1:5432/test"
+# A worker on a test host of its own reaches PostgreSQL elsewhere (tests/netns.py).
+PG_DSN = os.environ.get("ITEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ["ITEST_BROKER"]  # this shard's broker database (tests/conftest.py)
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 BROKERS = [pytest.param(REDIS_URL, id="redis"), pytest.param(RABBITMQ_URL, id="amqp")]
@@ -189,10 +196,13 @@ def run_worker(tmp_path: Path, *, pool: str = "asyncsql", concurrency: int = 2,
                conf: dict | None = None, args: tuple[str, ...] = (),
                include: str = "tests.integration.tasks", env: dict | None = None,
                ready: bool = True, queue: str | None = None,
-               broker: str = REDIS_URL) -> Iterator[Worker]:
+               broker: str = REDIS_URL, host: Host | None = None,
+               name: str | None = None) -> Iterator[Worker]:
     """Start a worker (on a new queue unless given one), wait until it is ready, stop it.
 
-    Through the shipped pytest plugin's launcher, as users' own tests start theirs.
+    Through the shipped pytest plugin's launcher, as users' own tests start theirs;
+    on a test ``host`` (tests/netns.py), its command run there. ``name`` is its node
+    name's first part (the queue's name by default), for workers that share a queue.
     """
     queue = queue or f"itest-{uuid.uuid4().hex[:10]}"
     environment = {
@@ -203,12 +213,19 @@ def run_worker(tmp_path: Path, *, pool: str = "asyncsql", concurrency: int = 2,
         "ITEST_BROKER": broker,
         **(env or {}),
     }
-    launch = asyncsql_worker_process(
-        "tests.integration.app", pool=pool or None, concurrency=concurrency or None,
-        args=["-Q", queue, "--without-heartbeat", *args], env=environment, cwd=ROOT,
-        pythonpath=[str(ROOT)], hostname=f"{queue}@{socket.gethostname()}",
-        log_path=tmp_path / f"{queue}.log", ready=False, worker_class=Worker,
-        queue=queue, app_name=queue, broker=broker)
+    hostname = f"{name or queue}@{socket.gethostname()}"
+    options = dict(env=environment, cwd=ROOT, pythonpath=[str(ROOT)], hostname=hostname,
+                   log_path=tmp_path / f"{name or queue}.log", worker_class=Worker, queue=queue,
+                   app_name=queue, broker=broker)
+    worker_args = ["-Q", queue, "--without-heartbeat", *args]
+    if host is None:
+        launch = asyncsql_worker_process(
+            "tests.integration.app", pool=pool or None, concurrency=concurrency or None,
+            args=worker_args, ready=False, **options)
+    else:
+        command = worker_command("tests.integration.app", hostname=hostname, pool=pool or None,
+                                 concurrency=concurrency or None, args=worker_args)
+        launch = nullcontext(start_worker(host.command(*command), **options))
     with launch as worker:
         try:
             if ready:
@@ -232,12 +249,62 @@ def worker_factory(tmp_path: Path):
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
+def redis_server(bind: tuple[str, ...] = ()) -> Iterator[str]:
     """A ``redis-server`` of the test's own on a free port, stopped by its PID: its URL.
 
-    For figures the machine's shared Redis would blur (``INFO commandstats``).
+    For figures the machine's shared Redis would blur (``INFO commandstats``). It
+    listens on 127.0.0.1 and on the addresses in ``bind`` (a test host's link).
     """
     from tests.celery_suite.run import redis_server as own_server
 
-    with own_server(fail=lambda message: pytest.fail(message, pytrace=False)) as port:
+    with own_server(fail=lambda message: pytest.fail(message, pytrace=False),
+                    bind=bind) as port:
         yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextmanager
+def redis_tls_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A TLS-only ``redis-server`` with a self-signed certificate: its URL and CA file."""
+    from tests.celery_suite.run import free_port
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True)
+    if made.returncode:
+        pytest.fail(f"openssl could not make a certificate: {made.stderr.decode()}")
+    port = free_port()
+    with _server(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                  "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                  "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no",
+                  "--save", "", "--appendonly", "no"], port, "redis-server with TLS"):
+        yield f"rediss://127.0.0.1:{port}/0", str(cert)
+
+
+@contextmanager
+def redis_sentinel(master_url: str) -> Iterator[str]:
+    """A Redis Sentinel watching the Redis at ``master_url`` as ``itest``: its URL."""
+    import tempfile
+
+    from tests.celery_suite.run import free_port
+
+    master = redis.Redis.from_url(master_url).connection_pool.connection_kwargs
+    port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        config = Path(workdir) / "sentinel.conf"  # Sentinel rewrites its config file
+        config.write_text(f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                          f"sentinel monitor itest {master['host']} {master['port']} 1\n")
+        with _server(["redis-server", str(config), "--sentinel"], port, "redis-sentinel"):
+            eventually(lambda: redis.Redis(port=port).sentinel_master("itest"), 10,
+                       "Sentinel knows the master")
+            yield f"sentinel://127.0.0.1:{port}/0"
+
+
+@contextmanager
+def _server(command: list[str], port: int, what: str) -> Iterator[None]:
+    """Run ``command`` until the block ends (stopped by its PID); wait for ``port``."""
+    from tests.celery_suite.run import server
+
+    with server(command, port, what, fail=lambda message: pytest.fail(message, pytrace=False)):
+        yield

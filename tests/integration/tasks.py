@@ -168,3 +168,11 @@ async def allocate_mb(mb):
 
 
 _hoard = []
+
+
+@app.task
+async def same_select_three_times(n):
+    """The same parameterised SELECT three times in one session: a prepared statement's reuse."""
+    async with session() as s:
+        return [(await s.execute(text("SELECT CAST(:n AS int) + 1"), {"n": n})).scalar_one()
+                for _ in range(3)]

@@ -28,3 +28,11 @@ def sync_echo(value):
 @app.task
 async def async_echo(value):
     return value
+
+
+@app.task
+async def async_nap(seconds, value):
+    import asyncio
+
+    await asyncio.sleep(seconds)
+    return value

@@ -87,3 +87,21 @@ def test_broker_benchmark_runs_and_counts_fewer_round_trips_on_our_transport(tmp
     assert per_task["far-100"]["exec"] < 0.01 and per_task["far-100"]["brpop"] < 1, per_task
     assert "| tasks/s: far-100 io vs far-100-stock io |" in (tmp_path / "broker.md").read_text()
     assert (tmp_path / "broker.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_peers_benchmark_runs_taskiq_and_dramatiq_beside_ours(tmp_path):
+    """``benchmarks.peers`` end to end, one short round: three workers, both placements."""
+    env = {**os.environ, **SMOKE_ENV, "BENCH_PEER_BROKER": "redis://127.0.0.1:6379/1",
+           "BENCH_PEER_BACKEND": "redis://127.0.0.1:6379/13"}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.peers", "--rounds", "1", "--tasks", "50",
+         "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600)
+    assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-5000:]
+    report = json.loads((tmp_path / "peers.json").read_text())
+    measured = {(r["placement"], r["system"], r["workload"]) for r in report["rows"]}
+    assert measured == {(p, s, w) for p in ("loopback", "far")
+                        for s in ("asyncsql", "taskiq", "dramatiq") for w in ("noop", "io")}
+    for row in report["rows"]:
+        assert row["missing"] == 0 and row["tasks_per_s"] > 0, row
+    assert "| far | io | taskiq |" in (tmp_path / "peers.md").read_text()

@@ -94,6 +94,7 @@ def test_connection_loss_running_tasks_finish_and_unstarted_are_redelivered(
         assert_redelivered_after_the_cancel(late)
 
 
+@pytest.mark.load  # a control: CI's load part runs it, to keep scripts/test within 10 min
 @pytest.mark.parametrize("cancel", [False, True], ids=["cancel-off", "cancel-on"])
 def test_prefork_on_connection_loss_as_a_reference(worker_factory, cancel):
     """The same on stock prefork, with the sync twins: the asyncsql test asks no more."""

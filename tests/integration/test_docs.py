@@ -179,9 +179,9 @@ def test_page_runs_as_written(page: Path, tmp_path: Path, docs_services: None) -
 
 
 def test_pages_use_only_fences_the_test_knows() -> None:
-    """Python must be tagged ``python`` to be run; other code is text, console or ini."""
+    """Python must be tagged ``python`` to be run; other code is text, console, ini or yaml."""
     for page in PAGES:
         for block in blocks(page):
-            assert block.language in {"python", "console", "text", "ini"}, (
+            assert block.language in {"python", "console", "text", "ini", "yaml"}, (
                 f"{page.name}:{block.line}: tag code blocks python (run by this test), "
-                f"or console, text or ini (not run): found {block.language!r}")
+                f"or console, text, ini or yaml (not run): found {block.language!r}")

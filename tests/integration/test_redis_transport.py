@@ -252,3 +252,40 @@ def test_with_worker_disable_prefetch_a_batch_is_one_message():
         _publish(connection, queue, list(range(5)))
         got = _consume(connection, [queue], 1, prefetch=10, ack=False)
         assert len(got) >= 1 and redis.Redis.from_url(url).hlen("unacked") == len(got)
+
+
+def test_the_visibility_budget_holds_back_only_the_task_consumer():
+    """With tasks waiting for a slot in this process, the budget holds back the consumer
+    that set a prefetch window (the worker's) and no other: a client's reply consumer in
+    the worker's own process (``inspect`` from a thread, Celery's in-process test worker)
+    still gets its replies."""
+    import kombu
+    from celery.worker import state
+
+    class Waiting:  # a request Celery reserved that no pool slot has taken yet
+        def __init__(self, number: int) -> None:
+            self.id = f"waiting-{number}"
+
+    waiting = [Waiting(number) for number in range(3)]
+    with redis_server() as url, _connection(url, OURS, visibility_budget=True) as connection:
+        tasks, replies = (kombu.Queue(name, routing_key=name) for name in ("tasks", "replies"))
+        _publish(connection, tasks, list(range(5)))
+        _publish(connection, replies, ["pong"])
+        assert _consume(connection, [replies], 1, prefetch=None)[0][1] == "pong"
+        for request in waiting:
+            state.task_reserved(request)
+        try:
+            _publish(connection, replies, ["pong again"])
+            assert _consume(connection, [replies], 1, prefetch=None)[0][1] == "pong again"
+            taken: list = []
+            with connection.Consumer([tasks], prefetch_count=10,
+                                     callbacks=[lambda body, message: taken.append(body)]):
+                for _ in range(5):
+                    _drain(connection)
+                assert taken == [], "three wait, and the pace is not known: the ramp is one"
+                for request in waiting:
+                    state.task_ready(request)
+                eventually(lambda: _drain(connection) or taken, 10, "a fetch once none wait")
+        finally:
+            for request in waiting:
+                state.task_ready(request)

@@ -210,3 +210,51 @@ def test_billiards_errors_and_handles():
     from billiard.pool import MaybeEncodingError
 
     assert isinstance(_compat.maybe_encoding_error(ValueError("x"), object()), MaybeEncodingError)
+
+
+def test_a_request_waits_from_reserved_until_a_slot_accepts_it():
+    """Celery's worker state: reserved when it may start, active when a slot takes it."""
+    from celery.worker import state
+
+    class Request:
+        id, name = "t", "t"
+
+    request = Request()
+    assert _compat.waiting_requests() == 0
+    state.task_reserved(request)
+    assert _compat.waiting_requests() == 1
+    state.task_accepted(request)
+    assert _compat.waiting_requests() == 0
+    state.task_ready(request)
+    assert _compat.waiting_requests() == 0 and request not in state.reserved_requests
+
+
+def test_the_consumers_task_handler_is_wrapped_each_time_it_is_built():
+    from celery.worker.consumer.consumer import Consumer
+
+    assert callable(Consumer.create_task_handler)
+
+    class FakeConsumer:
+        def create_task_handler(self):
+            return lambda message: message * 2
+
+    consumer = FakeConsumer()
+    _compat.wrap_task_handler(consumer, lambda handler: lambda m: handler(m) + 1)
+    _compat.wrap_task_handler(consumer, lambda handler: lambda m: handler(m) + 100)  # no-op
+    assert consumer.create_task_handler()(5) == 11
+    assert consumer.create_task_handler()(1) == 3, "built anew after a reconnect, wrapped too"
+
+
+def test_a_request_reserved_for_a_message_is_forgotten():
+    from celery.worker import state
+
+    class Request:
+        id, name = "r", "r"
+        message = object()
+
+    request = Request()
+    state.task_reserved(request)
+    _compat.forget_requests_of(object())
+    assert request in state.reserved_requests
+    _compat.forget_requests_of(request.message)
+    assert request not in state.reserved_requests and _compat.waiting_requests() == 0

@@ -78,6 +78,24 @@ def test_named_databases_take_a_url_or_a_dict():
     assert settings.database("audit").masked_url == "postgresql+asyncpg://app:***@db/app"
 
 
+def test_pgbouncer_applies_to_every_database_unless_an_entry_says_otherwise():
+    settings = Settings.from_conf({
+        "asyncsql_database_url": PG, "asyncsql_pgbouncer": True,
+        "asyncsql_databases": {"reports": PG, "direct": {"url": PG, "pgbouncer": False}},
+    })
+    assert [d.pgbouncer for d in settings.databases] == [True, True, False]
+    alone = Settings.from_conf({"asyncsql_databases": {"pooled": {"url": PG, "pgbouncer": True}}})
+    assert alone.database("pooled").pgbouncer is True
+
+
+def test_a_pgbouncer_entry_that_is_not_a_bool_is_refused_without_the_password():
+    with pytest.raises(ConfigurationError, match=r"\['pgbouncer'\] has value 'yes'") as info:
+        Settings.from_conf({"asyncsql_databases": {"x": {"url": PG, "pgbouncer": "yes"}}})
+    with pytest.raises(ConfigurationError, match="expected a URL string") as unknown:
+        Settings.from_conf({"asyncsql_databases": {"x": {"url": PG, "pool": 1}}})
+    assert "s3cret" not in str(info.value) + str(unknown.value)
+
+
 def test_a_named_database_spec_without_url_is_refused():
     with pytest.raises(ConfigurationError, match=r"asyncsql_databases\['x'\].*expected a URL"):
         Settings.from_conf({"asyncsql_databases": {"x": {"engine_options": {}}}})
@@ -129,6 +147,30 @@ def test_masked_values_hide_every_url_password_and_leave_the_rest():
     assert masked_values(value) == {
         "a": ["postgresql+asyncpg://user:***@host:5432/db", "no url", 3],
         "b": {"c": "see redis://:***@127.0.0.1:6379/0 and sqlite+aiosqlite:///x.db"}}
+
+
+def test_masked_values_hide_what_a_secret_key_holds():
+    from celery_asyncpool.config import masked_values
+
+    options = {"connect_args": {"password": "pw", "server_settings": {"a": "b"}},
+               "pool_size": 5, "client_secret": ["x"], "api_token": 3}
+    assert masked_values(options) == {
+        "connect_args": {"password": "********", "server_settings": {"a": "b"}},
+        "pool_size": 5, "client_secret": "********", "api_token": "********"}
+
+
+def test_celerys_censored_settings_views_hide_nested_urls_once_the_package_is_imported():
+    """``celery report`` and ``inspect conf`` go through conf.humanize()/table(censored=True)."""
+    import celery_asyncpool  # noqa: F401  wraps Celery's filter on import
+    from celery import Celery
+
+    app = Celery("report", set_as_current=False)
+    app.conf.asyncsql_databases = {"reports": "postgresql+asyncpg://u:hunter2@h/db",
+                                   "archive": {"url": "postgresql+asyncpg://u:hunter2@h/a"}}
+    app.conf.asyncsql_engine_options = {"connect_args": {"password": "hunter2"}}
+    shown = app.conf.humanize(with_defaults=False, censored=True)
+    assert "hunter2" not in shown and "postgresql+asyncpg://u:***@h/db" in shown
+    assert "hunter2" not in repr(app.conf.table(with_defaults=False, censored=True))
 
 
 def test_the_loop_is_asyncio_unless_uvloop_is_asked_for():

@@ -56,3 +56,19 @@ def test_options_sqlalchemy_rejects_fail_naming_the_database():
     with pytest.raises(ConfigurationError, match=r"database 'default' .*rejected by "
                                                  r"create_async_engine: TypeError.*pool_sise"):
         check_engine_options(settings, Sizing(1, 2, 80))
+
+
+def test_behind_pgbouncer_nothing_is_prepared_server_side_and_the_users_args_win():
+    def pooled(url, **engine):
+        return DatabaseSettings("default", url, engine, {}, pgbouncer=True)
+
+    options = engine_options(pooled(PG, connect_args={"timeout": 5}), Sizing(4, 2, 80))
+    args = options["connect_args"]
+    assert (args["statement_cache_size"], args["prepared_statement_cache_size"]) == (0, 0)
+    assert args["prepared_statement_name_func"]() == "" and args["timeout"] == 5
+    psycopg = engine_options(pooled("postgresql+psycopg://postgres@127.0.0.1/test"),
+                             Sizing(4, 2, 80))
+    assert psycopg["connect_args"] == {"prepare_threshold": None}
+    mine = engine_options(pooled(PG, connect_args={"statement_cache_size": 10}), Sizing(4, 2, 80))
+    assert mine["connect_args"]["statement_cache_size"] == 10
+    assert "connect_args" not in engine_options(db(), Sizing(4, 2, 80))
