@@ -50,6 +50,25 @@ class Host:
     def up(self, link: str) -> None:
         _ip("link", "set", self.links[link].outside, "up")
 
+    def route(self, address: str, link: str) -> None:
+        """Reach ``address`` on this machine through ``link`` (see ``shared_address``)."""
+        _ip("netns", "exec", self.name, "ip", "route", "add", f"{address}/32",
+            "via", self.links[link].address)
+
+
+@contextlib.contextmanager
+def shared_address() -> Iterator[str]:
+    """An address of this machine that every host can reach by the same name, through its
+    own link (``Host.route``), as a fleet's hosts reach one database server by one name;
+    a host whose link is down cannot reach it."""
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+    address = next(f"10.212.0.{n}" for n in range(1, 255) if f"10.212.0.{n}/" not in used)
+    _ip("addr", "add", f"{address}/32", "dev", "lo")
+    try:
+        yield address
+    finally:
+        subprocess.run(["ip", "addr", "del", f"{address}/32", "dev", "lo"], capture_output=True)
+
 
 @contextlib.contextmanager
 def host(*links: str) -> Iterator[Host]:

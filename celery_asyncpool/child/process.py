@@ -71,7 +71,7 @@ def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: i
         # Before worker_process_init, whose handlers may set their own.
         sys.setswitchinterval(settings.switch_interval_s)
     runtime = Runtime(settings, Sizing(slots, processes, settings.connection_cap),
-                      own_thread=False)
+                      own_thread=False, worker=hostname)
     _compat.process_initializer(app, hostname)  # resets SIGTERM to its default
     ignore_group_sigterm()
     async_tasks = install_bridges(app, runtime, hostname)

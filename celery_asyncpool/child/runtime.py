@@ -83,9 +83,10 @@ class Runtime:
     """
 
     def __init__(self, settings: Settings, sizing: Sizing, *, name: str = "asyncsql-loop",
-                 own_thread: bool = True) -> None:
+                 own_thread: bool = True, worker: str | None = None) -> None:
         self.settings = settings
         self.sizing = sizing
+        self.worker = worker  # the node name its connections carry
         self.loop = new_event_loop(settings.loop)
         self.databases: Databases | None = None
         # Awaited on the loop as it closes, after the jobs' leftovers and before the engines.
@@ -120,7 +121,7 @@ class Runtime:
         self.run(self._open(run_hooks))
 
     async def _open(self, run_hooks: bool) -> None:
-        self.databases = Databases(self.settings, self.sizing)
+        self.databases = Databases(self.settings, self.sizing, self.worker)
         if run_hooks:
             await hooks.run_start_hooks(self.settings.hook_timeout_s)
 

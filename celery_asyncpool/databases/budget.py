@@ -44,6 +44,28 @@ class Entry:
     connections: int
 
 
+@dataclass(frozen=True)
+class ServerLimit:
+    """What one database server takes, as its settings say (read through a connection)."""
+
+    max_connections: int
+    reserved: int  # superuser_reserved_connections, plus reserved_connections on 16+
+    pooled: bool = False  # reached through a pooler: the fleet's clients are the pooler's
+
+    @property
+    def usable(self) -> int:
+        """Connections the server takes from roles that are not superusers."""
+        return self.max_connections - self.reserved
+
+
+def by_server(entries: tuple[Entry, ...]) -> dict[str, int]:
+    """The budget added up per server: what a worker advertises to the fleet."""
+    totals: dict[str, int] = {}
+    for entry in entries:
+        totals[entry.server] = totals.get(entry.server, 0) + entry.connections
+    return totals
+
+
 def connection_budget(conf: Mapping[str, Any], settings: Settings,
                       sizing: Sizing) -> tuple[Entry, ...]:
     """Every database the worker connects to: ours, then a database result backend."""

@@ -9,7 +9,9 @@ from typing import Any
 
 from ..config import DatabaseSettings, Settings, masked_values, new_event_loop
 from ..errors import ConfigurationError
-from .budget import RESULT_BACKEND, Entry, connection_budget, over_max_connections, server_of
+from . import fleet
+from .budget import RESULT_BACKEND, Entry, ServerLimit, by_server, connection_budget, \
+    over_max_connections, server_of
 from .engines import Databases, Sizing, check_engine_options, connections_per_process, \
     engine_options
 
@@ -42,16 +44,37 @@ def run_check(app: Any, slots: int, *, echo: Callable[[str], Any]) -> list[str]:
             echo(f"result backend: {entry.masked_url}")
             echo(f"  connections: {entry.connections} in all (children and parent)")
     echo(f"connection budget: {sum(entry.connections for entry in budget)}")
-    return _probe(settings, sizing, budget, echo)
+    problems, limits = _probe(settings, sizing, budget, echo)
+    return problems + _check_fleet(app, budget, limits, echo)
+
+
+def _check_fleet(app: Any, budget: tuple[Entry, ...], limits: dict[str, ServerLimit],
+                 echo: Callable[[str], Any]) -> list[str]:
+    """The budgets the app's running workers advertise, added to this one per server."""
+    try:
+        peers = fleet.advertised(app, own_node=None)
+    except Exception as exc:  # the check still judges this worker alone
+        echo(f"fleet: the app's workers could not be asked ({type(exc).__name__}: {exc})")
+        return []
+    own = by_server(budget)
+    for server, total in fleet.totals(own, peers).items():
+        echo(f"fleet: {total} connections to {server} with the "
+             f"{len(fleet.sharing(peers, server))} running asyncsql worker(s) that use it")
+        limit = limits.get(server)
+        if limit is not None and limit.pooled:
+            echo(f"  through a pooler: compare {total} with PgBouncer's max_client_conn; "
+                 "the server sees at most its pool sizes")
+    return fleet.over_limits("this check's worker", own, peers, limits)
 
 
 STARTUP_PROBE_TIMEOUT_S = 5.0
 
 
-def startup_warnings(settings: Settings, sizing: Sizing,
-                     budget: tuple[Entry, ...]) -> list[str]:
-    """What a worker should warn about at start-up: a database it cannot reach, or a
-    connection budget above a server's ``max_connections``.
+def startup_warnings(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...]
+                     ) -> tuple[list[str], dict[str, ServerLimit]]:
+    """What a worker should warn about at start-up (a database it cannot reach, or a
+    connection budget above a server's ``max_connections``), and each server's limits,
+    for the fleet's check.
 
     Runs before any child is forked, on a loop thread that is gone when it
     returns; each database gets at most ``STARTUP_PROBE_TIMEOUT_S``.
@@ -59,8 +82,11 @@ def startup_warnings(settings: Settings, sizing: Sizing,
     return _probe(settings, sizing, budget, lambda _: None, timeout_s=STARTUP_PROBE_TIMEOUT_S)
 
 
+Probed = tuple[list[str], dict[str, ServerLimit]]  # the problems, each server's limits
+
+
 def _probe(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...],
-           echo: Callable[[str], Any], timeout_s: float | None = None) -> list[str]:
+           echo: Callable[[str], Any], timeout_s: float | None = None) -> Probed:
     """Connect to each of our databases; its server's ``max_connections`` bounds the budget
     of every database on that server, the result backend's too.
 
@@ -72,7 +98,7 @@ def _probe(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...],
 
 
 def _probe_on_new_loop(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...],
-                       echo: Callable[[str], Any], timeout_s: float | None) -> list[str]:
+                       echo: Callable[[str], Any], timeout_s: float | None) -> Probed:
     loop = new_event_loop(settings.loop)
     try:
         return loop.run_until_complete(_probe_all(settings, sizing, budget, echo, timeout_s))
@@ -82,37 +108,38 @@ def _probe_on_new_loop(settings: Settings, sizing: Sizing, budget: tuple[Entry, 
 
 
 async def _probe_all(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...],
-                     echo: Callable[[str], Any], timeout_s: float | None) -> list[str]:
+                     echo: Callable[[str], Any], timeout_s: float | None) -> Probed:
     try:
         databases = Databases(settings, sizing)
     except Exception as exc:
-        return [f"Building the engines failed: {exc}"]
+        return [f"Building the engines failed: {exc}"], {}
     problems: list[str] = []
-    limits: dict[str, int] = {}
+    limits: dict[str, ServerLimit] = {}
     try:
         for database in settings.databases:
             probe = _probe_one(databases, database, echo)
             reached = await _within(probe, timeout_s, database.name)
-            if isinstance(reached, int):
+            if isinstance(reached, ServerLimit):
                 limits[server_of(database.url)] = reached
             elif isinstance(reached, str):
                 problems.append(reached)
     finally:
         await databases.aclose()
-    return problems + over_max_connections(budget, limits)
+    maxima = {server: limit.max_connections for server, limit in limits.items()}
+    return problems + over_max_connections(budget, maxima), limits
 
 
-async def _within(probe: Any, timeout_s: float | None, name: str) -> int | str | None:
+async def _within(probe: Any, timeout_s: float | None, name: str) -> ServerLimit | str | None:
     try:
-        result: int | str | None = await asyncio.wait_for(probe, timeout_s)
+        result: ServerLimit | str | None = await asyncio.wait_for(probe, timeout_s)
         return result
     except asyncio.TimeoutError:
         return f"Database {name!r} did not answer within {timeout_s}s."
 
 
 async def _probe_one(databases: Databases, database: DatabaseSettings,
-                     echo: Callable[[str], Any]) -> int | str | None:
-    """The server's ``max_connections`` (None where unknown), or what is wrong with it."""
+                     echo: Callable[[str], Any]) -> ServerLimit | str | None:
+    """The server's limits (None where unknown), or what is wrong with it."""
     from sqlalchemy import text
 
     name = database.name
@@ -122,8 +149,8 @@ async def _probe_one(databases: Databases, database: DatabaseSettings,
             await connection.execute(text("SELECT 1"))
             limit = pooled = None
             if built.dialect.name == "postgresql":
-                limit = int((await connection.execute(text("SHOW max_connections"))).scalar_one())
                 pooled = await _pooler_in_front(connection)
+                limit = await _server_limit(connection, pooled)
     except Exception as exc:
         return (f"Database {name!r} ({database.masked_url}) "
                 f"cannot be reached: {type(exc).__name__}: {exc}")
@@ -133,7 +160,8 @@ async def _probe_one(databases: Databases, database: DatabaseSettings,
                 "connect is not the one that answers. In transaction mode asyncpg's prepared "
                 "statements fail there; set asyncsql_pgbouncer = True (or 'pgbouncer': True "
                 "in its asyncsql_databases entry). See docs/pgbouncer.md.")
-    echo(f"database {name!r}: connected" + (f", server max_connections = {limit}" if limit else "")
+    echo(f"database {name!r}: connected"
+         + (f", server max_connections = {limit.max_connections}" if limit else "")
          + (", through a pooler (engines set up for it)" if pooled else ""))
     return limit
 
@@ -151,3 +179,15 @@ async def _pooler_in_front(connection: Any) -> bool:
             else driver.info.backend_pid)  # psycopg
     actual = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
     return bool(told != actual)
+
+
+async def _server_limit(connection: Any, pooled: bool) -> ServerLimit:
+    """``max_connections`` and the slots kept for superusers (``reserved_connections``
+    only exists from PostgreSQL 16; ``current_setting(..., true)`` is NULL before)."""
+    from sqlalchemy import text
+
+    row = (await connection.execute(text(
+        "SELECT current_setting('max_connections')::int, "
+        "current_setting('superuser_reserved_connections')::int "
+        "+ coalesce(current_setting('reserved_connections', true), '0')::int"))).one()
+    return ServerLimit(int(row[0]), int(row[1]), pooled)

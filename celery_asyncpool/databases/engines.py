@@ -43,17 +43,23 @@ class Sizing:
     connection_cap: int
 
 
-def engine_options(database: DatabaseSettings, sizing: Sizing) -> dict[str, Any]:
+def engine_options(database: DatabaseSettings, sizing: Sizing,
+                   worker: str | None = None) -> dict[str, Any]:
     """The ``create_async_engine`` options for one process, defaults filled in.
 
     Queue pools get ``pool_size`` = the process's task slots (lowered so all
     processes stay within the cap) and ``max_overflow`` = 0, each only where
-    the user did not set it; other pool classes are left as configured.
+    the user did not set it; other pool classes are left as configured. With
+    ``worker`` (its node name), PostgreSQL connections are named after it and
+    the database, unless the user named them.
     """
     options = dict(database.engine_options)
     if database.pgbouncer:
         options["connect_args"] = {**pooler_connect_args(database.url),
                                    **options.get("connect_args", {})}
+    if worker is not None:
+        options["connect_args"] = with_application_name(
+            database.url, options.get("connect_args", {}), f"{worker} asyncsql {database.name}")
     if sizing.slots is not None and _is_queue_pool(_pool_class(database)):
         share = max(1, sizing.connection_cap // sizing.processes)
         options.setdefault("pool_size", max(1, min(sizing.slots, share)))
@@ -81,6 +87,25 @@ def pooler_connect_args(url: str) -> dict[str, Any]:
     if driver == "psycopg":
         return {"prepare_threshold": None}
     return {}
+
+
+def with_application_name(url: str, connect_args: dict[str, Any], name: str) -> dict[str, Any]:
+    """``connect_args`` with PostgreSQL's ``application_name`` set to ``name`` (cut to the
+    server's 63 bytes), where neither they nor the URL set one: ``pg_stat_activity``
+    then says which worker holds each connection."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    name = name.encode()[:63].decode(errors="ignore")
+    if "application_name" in parsed.query or "application_name" in connect_args:
+        return connect_args
+    if parsed.get_driver_name() == "asyncpg":
+        settings = dict(connect_args.get("server_settings") or {})
+        settings.setdefault("application_name", name)
+        return {**connect_args, "server_settings": settings}
+    if parsed.get_backend_name() == "postgresql":
+        return {**connect_args, "application_name": name}
+    return connect_args
 
 
 def unnamed_statement() -> str:
@@ -147,7 +172,7 @@ class Databases:
     never waits on the database. ``aclose`` disposes them on the same loop.
     """
 
-    def __init__(self, settings: Settings, sizing: Sizing) -> None:
+    def __init__(self, settings: Settings, sizing: Sizing, worker: str | None = None) -> None:
         from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
         self.loop = asyncio.get_running_loop()
@@ -156,7 +181,8 @@ class Databases:
         self.sessionmakers: dict[str, async_sessionmaker[AsyncSession]] = {}
         self.settings = settings
         for database in settings.databases:
-            built = create_async_engine(database.url, **engine_options(database, sizing))
+            built = create_async_engine(database.url,
+                                        **engine_options(database, sizing, worker))
             self.engines[database.name] = built
             session_options = {"expire_on_commit": False, **database.session_options}
             self.sessionmakers[database.name] = async_sessionmaker(built, **session_options)

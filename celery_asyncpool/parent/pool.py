@@ -13,6 +13,7 @@ import gc
 import logging
 import math
 import os
+import threading
 from contextlib import nullcontext
 from typing import Any
 
@@ -23,7 +24,8 @@ from kombu.asynchronous import get_event_loop
 from .. import _compat, messages, results
 from ..child.process import child_entry
 from ..config import Settings
-from ..databases.budget import connection_budget, describe, most_children
+from ..databases.budget import ServerLimit, by_server, connection_budget, describe, most_children
+from ..databases import fleet
 from ..databases.checks import startup_warnings
 from ..databases.engines import Sizing, check_engine_options
 from ..databases.fork import watch_engines
@@ -77,9 +79,11 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         logger.info("asyncsql pool: %d processes, %d task slot(s) each, on %s event loops; "
                     "database connections at most %s", self.processes, self.slots_per_child,
                     self.settings.loop, describe(self.budget))
-        for warning in startup_warnings(self.settings, self.sizing, self.budget):
-            logger.warning("asyncsql pool at start-up: %s The worker runs on; "
-                           "`celery asyncsql check` tells more.", warning)
+        warnings, limits = startup_warnings(self.settings, self.sizing, self.budget)
+        for warning in warnings:
+            _warn_at_start_up(warning)
+        if limits:
+            self._check_fleet_in_background(limits)
         if not self.forking_enable:
             # As prefork does for spawn: Celery keys a fresh interpreter's set-up (how
             # @app.task binds, the fast tracer's registry) off this variable.
@@ -102,6 +106,27 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         self._supervisor.start()
         if self._hub is None:
             self._driver.start_thread()
+
+    def _check_fleet_in_background(self, limits: dict[str, ServerLimit]) -> None:
+        """Warn when this worker and the app's running ones would overfill a server.
+
+        On a thread: the other workers get ``fleet.INSPECT_TIMEOUT_S`` to answer,
+        which the worker's start does not wait for.
+        """
+        own_node = self.options["initargs"][1]
+        self.app.amqp.producer_pool  # noqa: B018 (made here: sized once, see child.celery_io)
+
+        def check() -> None:
+            try:
+                peers = fleet.advertised(self.app, own_node)
+            except Exception as exc:
+                logger.debug("asyncsql pool: the fleet's budgets could not be asked: %r", exc)
+                return
+            for problem in fleet.over_limits(f"this worker {own_node}", by_server(self.budget),
+                                             peers, limits):
+                _warn_at_start_up(problem)
+
+        threading.Thread(target=check, name="asyncsql-fleet-check", daemon=True).start()
 
     def register_with_event_loop(self, loop: Any) -> None:
         """Watch the children again: Celery calls this each time the consumer starts its
@@ -277,8 +302,14 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
             "children": [] if supervisor is None else supervisor.info(),
             "databases": {entry.name: entry.masked_url for entry in self.budget},
             "connection-budget": {entry.name: entry.connections for entry in self.budget},
+            fleet.BUDGET_KEY: by_server(self.budget),
         }
         return info
+
+
+def _warn_at_start_up(warning: str) -> None:
+    logger.warning("asyncsql pool at start-up: %s The worker runs on; "
+                   "`celery asyncsql check` tells more.", warning)
 
 
 def _check_slots(limit: Any, autoscale: int | None) -> None:

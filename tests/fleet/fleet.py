@@ -126,6 +126,7 @@ class Fleet:
     broker_port: int
     bouncer_port: int
     tmp_path: Path
+    shared: str  # an address of this machine every host reaches by that name
     queue: str = field(default_factory=lambda: f"fleet-{uuid.uuid4().hex[:8]}")
 
     @property
@@ -134,15 +135,20 @@ class Fleet:
 
     @contextlib.contextmanager
     def worker(self, host: netns.Host, *, concurrency: int = 100, conf: dict | None = None,
-               transport: str | None = None) -> Iterator[Worker]:
-        """A worker on ``host`` (its node name the host's), ready; warm shut down after."""
+               transport: str | None = None, database_url: str | None = None
+               ) -> Iterator[Worker]:
+        """A worker on ``host`` (its node name the host's), ready; warm shut down after.
+
+        Its database is the fleet's PgBouncer unless ``database_url`` names another.
+        """
         address = host.links["net"].address
-        settings = {"asyncsql_processes": 1, "asyncsql_pgbouncer": True, **(conf or {})}
+        bouncer = f"postgresql+asyncpg://postgres@{address}:{self.bouncer_port}/{DATABASE}"
+        settings = {"asyncsql_processes": 1, "asyncsql_pgbouncer": database_url is None,
+                    **(conf or {})}
         if transport:
             settings["broker_transport"] = transport
         env = {"ITEST_BACKEND": f"redis://{address}:{self.broker_port}/1",
-               "ITEST_DATABASE_URL":
-                   f"postgresql+asyncpg://postgres@{address}:{self.bouncer_port}/{DATABASE}"}
+               "ITEST_DATABASE_URL": database_url or bouncer}
         with run_worker(self.tmp_path, concurrency=concurrency, include=tasks.INCLUDE,
                         conf=settings, env=env, queue=self.queue, host=host, name=host.name,
                         broker=f"redis://{address}:{self.broker_port}/0") as worker:
@@ -182,8 +188,11 @@ def fleet(tmp_path: Path, hosts: int = 3) -> Iterator[Fleet]:
     prepare_database()
     with contextlib.ExitStack() as stack:
         made = [stack.enter_context(netns.host("net")) for _ in range(hosts)]
+        shared = stack.enter_context(netns.shared_address())
+        for host in made:
+            host.route(shared, "net")
         addresses = tuple(host.links["net"].address for host in made)
         broker = stack.enter_context(redis_server(bind=addresses))
         bouncer = stack.enter_context(pgbouncer(SERVER_POOL, listen=("127.0.0.1", *addresses),
                                                 database=DATABASE))
-        yield Fleet(made, int(broker.rsplit(":", 1)[1].split("/")[0]), bouncer, tmp_path)
+        yield Fleet(made, int(broker.rsplit(":", 1)[1].split("/")[0]), bouncer, tmp_path, shared)

@@ -106,3 +106,12 @@ async def retry_once(self, run: str, hold_s: float = 0.0) -> None:
     await asyncio.sleep(hold_s)
     async with session() as s:
         await _commit(s, _entry(self, run, "retry"))
+
+
+@app.task
+async def connection_name(hold_s: float) -> str:
+    """The ``application_name`` of the connection the task holds for ``hold_s``."""
+    async with session() as s:
+        await s.execute(text("SELECT pg_sleep(:s)"), {"s": hold_s})
+        return str((await s.execute(text("SELECT current_setting('application_name')")))
+                   .scalar_one())

@@ -72,3 +72,18 @@ def test_behind_pgbouncer_nothing_is_prepared_server_side_and_the_users_args_win
     mine = engine_options(pooled(PG, connect_args={"statement_cache_size": 10}), Sizing(4, 2, 80))
     assert mine["connect_args"]["statement_cache_size"] == 10
     assert "connect_args" not in engine_options(db(), Sizing(4, 2, 80))
+
+
+def test_connections_carry_the_workers_name_unless_the_user_named_them():
+    def named(url, **engine):
+        return engine_options(db(url, **engine), Sizing(4, 2, 80), "w1@host")["connect_args"]
+
+    assert named(PG) == {"server_settings": {"application_name": "w1@host asyncsql default"}}
+    assert named(PG, connect_args={"server_settings": {"application_name": "web", "jit": "off"}}
+                 ) == {"server_settings": {"application_name": "web", "jit": "off"}}
+    assert named(PG + "?application_name=mine") == {}
+    assert named("postgresql+psycopg://postgres@127.0.0.1/test") == {
+        "application_name": "w1@host asyncsql default"}
+    assert named("sqlite+aiosqlite:///x.db") == {}
+    long = engine_options(db(), Sizing(4, 2, 80), "é" * 40)["connect_args"]
+    assert len(long["server_settings"]["application_name"].encode()) <= 63  # the server's cut

@@ -1,0 +1,72 @@
+"""The fleet's connection budget: every asyncsql worker's, added up per database server.
+
+Engines connect lazily, so ``pg_stat_activity`` at start-up says little of
+what a fleet will hold. Each worker advertises its budget per server in
+``inspect stats`` (the pool's ``asyncsql`` entry, ``BUDGET_KEY``); a starting
+worker and ``celery asyncsql check`` ask every worker the app's broker reaches,
+add their own, and compare each server's total with what it takes from roles
+that are not superusers: ``max_connections`` less the reserved slots.
+
+Servers are named as each worker's URL names them (``host:port``): workers that
+reach one server by different names are not added up. Two workers starting in
+the same second do not see each other; the one that starts after them will.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .budget import ServerLimit
+
+BUDGET_KEY = "connection-budget-by-server"
+INSPECT_TIMEOUT_S = 1.0
+
+Budgets = Mapping[str, Mapping[str, int]]  # worker node -> server -> connections
+
+
+def advertised(app: Any, own_node: str | None,
+               timeout_s: float = INSPECT_TIMEOUT_S) -> dict[str, dict[str, int]]:
+    """The budget per server of each asyncsql worker that answers ``inspect stats``,
+    ``own_node`` left out (a worker may already answer its own broadcast)."""
+    replies = app.control.inspect(timeout=timeout_s).stats() or {}
+    peers: dict[str, dict[str, int]] = {}
+    for node, stats in replies.items():
+        pool = stats.get("pool") if isinstance(stats, dict) else None
+        info = pool.get("asyncsql") if isinstance(pool, dict) else None
+        budget = info.get(BUDGET_KEY) if isinstance(info, dict) else None
+        if node != own_node and isinstance(budget, dict):
+            peers[node] = {str(server): int(n) for server, n in budget.items()}
+    return peers
+
+
+def sharing(peers: Budgets, server: str) -> dict[str, int]:
+    """The workers of ``peers`` whose budget counts connections to ``server``."""
+    return {node: budget[server] for node, budget in peers.items() if budget.get(server)}
+
+
+def totals(own: Mapping[str, int], peers: Budgets) -> dict[str, int]:
+    """Each server's connections, this worker's and its peers' together."""
+    servers = set(own) | {server for budget in peers.values() for server in budget}
+    return {server: own.get(server, 0) + sum(sharing(peers, server).values())
+            for server in sorted(servers)}
+
+
+def over_limits(own_name: str, own: Mapping[str, int], peers: Budgets,
+                limits: Mapping[str, ServerLimit]) -> list[str]:
+    """A problem for each server the fleet's budgets together would overfill, naming each
+    worker and its share. A pooled server is left out: its clients are the pooler's."""
+    problems = []
+    for server, total in totals(own, peers).items():
+        limit = limits.get(server)
+        shares = sharing(peers, server)
+        if limit is None or limit.pooled or not shares or total <= limit.usable:
+            continue
+        named = ", ".join(f"{node} {n}" for node, n in sorted(shares.items()))
+        problems.append(
+            f"Server {server}: the fleet may open {total} connections ({named}; "
+            f"{own_name} {own.get(server, 0)}), above the {limit.usable} it takes from "
+            f"roles that are not superusers (max_connections {limit.max_connections} less "
+            f"{limit.reserved} reserved). Lower -c or asyncsql_connection_cap across the "
+            "fleet, or put PgBouncer in front (docs/sizing.md, 'A fleet').")
+    return problems
