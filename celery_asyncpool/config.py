@@ -77,6 +77,13 @@ OPTIONS: tuple[Option, ...] = (
            "entry. `celery asyncsql check` fails, and a worker warns, when a pooler is "
            "found without it (docs/pgbouncer.md).",
            lambda v: isinstance(v, bool)),
+    Option("asyncsql_dead_host_timeout_s", 30, "a whole number of seconds >= 2, or None",
+           "How soon PostgreSQL frees the connections of a worker host that went away "
+           "without closing them (power loss, network cut), so that they stop counting "
+           "against max_connections: each connection sets the server's TCP keepalives "
+           "and tcp_user_timeout to notice within this. Not behind a pooler (set "
+           "PgBouncer's own). None leaves the server's settings (Linux: about 2 hours).",
+           lambda v: v is None or (_is_int(v) and v >= 2)),
     Option("asyncsql_connection_cap", 80, "a whole number >= 1",
            "Most database connections all children of one worker may hold, per "
            "database; pool_size defaults are lowered to stay within it.",
@@ -172,6 +179,7 @@ class Settings:
     switch_interval_s: float | None
     loop: str = "asyncio"
     results_off_loop: bool = True
+    dead_host_timeout_s: int | None = 30
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
@@ -194,6 +202,7 @@ class Settings:
             switch_interval_s=_seconds_or_none(values["asyncsql_switch_interval_s"]),
             loop=_checked_loop(values["asyncsql_loop"]),
             results_off_loop=values["asyncsql_results_off_loop"],
+            dead_host_timeout_s=values["asyncsql_dead_host_timeout_s"],
         )
 
     def layout(self, slots: int) -> tuple[int, int]:

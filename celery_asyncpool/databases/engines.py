@@ -15,6 +15,7 @@ package for every invocation (its ``celery.commands`` entry point).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -108,6 +109,25 @@ def with_application_name(url: str, connect_args: dict[str, Any], name: str) -> 
     return connect_args
 
 
+def notice_dead_host(seconds: int, dbapi_connection: Any, _record: Any) -> None:
+    """Have the server drop this connection within ``seconds`` of its host going silent.
+
+    A host that dies sends no FIN: the backend would wait on its socket for
+    the kernel's keepalive (2 hours on Linux), holding a slot of
+    ``max_connections`` and any locks. Keepalive probes after ``seconds / 2``
+    idle, 4 unanswered ``seconds / 8`` apart, end an idle connection; a reply
+    unacknowledged for ``seconds`` (``tcp_user_timeout``) ends a busy one.
+    One statement, one round trip, per new connection.
+    """
+    idle, interval = max(1, seconds // 2), max(1, seconds // 8)
+    settings = {"tcp_keepalives_idle": idle, "tcp_keepalives_interval": interval,
+                "tcp_keepalives_count": 4, "tcp_user_timeout": seconds * 1000}
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SELECT " + ", ".join(f"set_config('{name}', '{int(value)}', false)"
+                                         for name, value in settings.items()))
+    cursor.close()
+
+
 def unnamed_statement() -> str:
     """PostgreSQL's unnamed statement: replaced by the next, never left on the server."""
     return ""
@@ -173,6 +193,7 @@ class Databases:
     """
 
     def __init__(self, settings: Settings, sizing: Sizing, worker: str | None = None) -> None:
+        from sqlalchemy import event
         from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
         self.loop = asyncio.get_running_loop()
@@ -183,6 +204,10 @@ class Databases:
         for database in settings.databases:
             built = create_async_engine(database.url,
                                         **engine_options(database, sizing, worker))
+            if settings.dead_host_timeout_s and not database.pgbouncer \
+                    and built.dialect.name == "postgresql":
+                event.listen(built.sync_engine, "connect",
+                             functools.partial(notice_dead_host, settings.dead_host_timeout_s))
             self.engines[database.name] = built
             session_options = {"expire_on_commit": False, **database.session_options}
             self.sessionmakers[database.name] = async_sessionmaker(built, **session_options)

@@ -23,9 +23,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    from .fleet import ROWS
+    from .fleet import NOTES, ROWS
 
-    if not ROWS:
+    if not ROWS and not NOTES:
         return
     terminalreporter.section("fleet: every task accounted for")
     for line in ["| scenario | hosts | slots | sent | ran once | ran again | "
@@ -33,3 +33,5 @@ def pytest_terminal_summary(terminalreporter) -> None:
                  "|---|---:|---:|---:|---:|---:|---|---:|---:|",
                  *("| " + " | ".join(row.cells()) + " |" for row in ROWS)]:
         terminalreporter.write_line(line)
+    for note in NOTES:
+        terminalreporter.write_line(f"- {note}")

@@ -51,6 +51,7 @@ class Row:
 
 
 ROWS: list[Row] = []
+NOTES: list[str] = []  # measured figures of scenarios that are not a batch of tasks
 
 
 def prepare_database() -> None:
