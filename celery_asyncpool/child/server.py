@@ -337,7 +337,8 @@ def _failure(exc: BaseException) -> tuple[int, ExceptionInfo, float]:
 
 def _pool_use(pool: Any) -> dict[str, int | None]:
     """Connections of an engine's pool; None for a count its class does not keep (NullPool)."""
-    counts = {"size": "size", "checked_out": "checkedout", "overflow": "overflow"}
+    counts = {"size": "size", "checked_out": "checkedout", "checked_in": "checkedin",
+              "overflow": "overflow"}
     use = {key: _count(pool, method) for key, method in counts.items()}
     if use["overflow"] is not None:
         use["overflow"] = max(0, use["overflow"])  # QueuePool counts up from -pool_size

@@ -294,17 +294,29 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
             "put-guarded-by-semaphore": self.putlocks,
             "timeouts": (self.options.get("soft_timeout") or 0, self.options.get("timeout") or 0),
         })
+        children = [] if supervisor is None else supervisor.info()
         info["asyncsql"] = {
             "processes": self.processes,
             "slots-per-process": self.slots_per_child,
             "driver": "thread" if isinstance(self._driver, LoopDriver) else "hub",
             "in-flight": 0 if supervisor is None else supervisor.in_flight(),
-            "children": [] if supervisor is None else supervisor.info(),
+            "children": children,
+            "connections": open_connections(children),
             "databases": {entry.name: entry.masked_url for entry in self.budget},
             "connection-budget": {entry.name: entry.connections for entry in self.budget},
             fleet.BUDGET_KEY: by_server(self.budget),
         }
         return info
+
+
+def open_connections(children: list[dict[str, Any]]) -> dict[str, int]:
+    """Connections open per database, all children together, as their last reports say."""
+    totals: dict[str, int] = {}
+    for child in children:
+        for name, use in (child.get("engines") or {}).items():
+            held = (use.get("checked_in") or 0) + (use.get("checked_out") or 0)
+            totals[name] = totals.get(name, 0) + held
+    return totals
 
 
 def _warn_at_start_up(warning: str) -> None:

@@ -11,6 +11,7 @@ it are PgBouncer's server connections alone: ``Peak`` samples them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import uuid
 from collections import Counter
@@ -54,29 +55,31 @@ ROWS: list[Row] = []
 NOTES: list[str] = []  # measured figures of scenarios that are not a batch of tasks
 
 
-def prepare_database() -> None:
-    """``asyncsql_fleet`` with the tasks' tables; its accounts back at 0."""
-    with psycopg.connect(PG_DSN, autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() \
-                is None:
-            conn.execute(f"CREATE DATABASE {DATABASE}")
-    with psycopg.connect(FLEET_DSN, autocommit=True) as conn:
+def prepare_database(dsn: str = FLEET_DSN) -> None:
+    """``asyncsql_fleet`` (or the database of ``dsn``) with the tasks' tables; its accounts
+    back at 0."""
+    if dsn == FLEET_DSN:
+        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                            (DATABASE,)).fetchone() is None:
+                conn.execute(f"CREATE DATABASE {DATABASE}")
+    with psycopg.connect(dsn, autocommit=True) as conn:
         for statement in tasks.SCHEMA:
             conn.execute(statement)
         conn.execute("UPDATE fleet_account SET balance = 0")
 
 
-def ledger(run: str) -> Counter[str]:
+def ledger(run: str, dsn: str = FLEET_DSN) -> Counter[str]:
     """How many effects each task of ``run`` committed."""
-    with psycopg.connect(FLEET_DSN, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute("SELECT task_id, count(*) FROM fleet_ledger WHERE run = %s "
                             "GROUP BY task_id", (run,)).fetchall()
     return Counter({task_id: n for task_id, n in rows})
 
 
-def ran_on(run: str) -> Counter[str]:
+def ran_on(run: str, dsn: str = FLEET_DSN) -> Counter[str]:
     """Effects of ``run`` per host (a worker's node name is ``<host>@<machine>``)."""
-    with psycopg.connect(FLEET_DSN, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute("SELECT split_part(worker, '@', 1), count(*) FROM fleet_ledger "
                             "WHERE run = %s GROUP BY 1", (run,)).fetchall()
     return Counter({worker: n for worker, n in rows})
@@ -93,11 +96,12 @@ def balances_and_increments(run: str) -> tuple[int, int]:
 
 
 class Peak:
-    """The most backends PostgreSQL had for ``asyncsql_fleet`` at once, sampled every 20 ms,
-    the test's own connections left out."""
+    """The most backends PostgreSQL had for ``asyncsql_fleet`` (or ``database`` on the
+    server of ``dsn``) at once, sampled every 20 ms, the test's own connections left out."""
 
-    def __init__(self) -> None:
+    def __init__(self, dsn: str = PG_DSN, database: str = DATABASE) -> None:
         self.value = 0
+        self._dsn, self._database = dsn, database
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -110,11 +114,11 @@ class Peak:
         self._thread.join(5)
 
     def _sample(self) -> None:
-        with psycopg.connect(PG_DSN, autocommit=True) as conn:
+        with psycopg.connect(self._dsn, autocommit=True, application_name=OBSERVER) as conn:
             while not self._stop.is_set():
                 count = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s "
-                                     "AND application_name <> %s",
-                                     (DATABASE, OBSERVER)).fetchone()[0]
+                                     "AND application_name <> %s AND backend_type = "
+                                     "'client backend'", (self._database, OBSERVER)).fetchone()[0]
                 self.value = max(self.value, int(count))
                 self._stop.wait(0.02)
 
@@ -165,10 +169,12 @@ class Fleet:
                     for task, args in batch]
 
     def settle(self, scenario: str, ids: list[str], run: str, *, slots: int, peak: Peak,
-               timeout_s: float = 180) -> Account:
-        """Wait for every task's outcome, account for each, and add the scenario's row."""
+               timeout_s: float = 180, dsn: str = FLEET_DSN) -> Account:
+        """Wait for every task's outcome, account for each (effects in ``dsn``'s ledger),
+        and add the scenario's row."""
         account = settle(f"fleet: {scenario}", ids, run=run, timeout_s=timeout_s,
-                         redis_url=self.results_url, ledger=ledger, report=False)
+                         redis_url=self.results_url, report=False,
+                         ledger=functools.partial(ledger, dsn=dsn))
         ROWS.append(Row(scenario, len(self.hosts), slots, account, peak.value))
         return account
 

@@ -183,4 +183,6 @@ def test_flower_shows_the_pool_while_tasks_run(tmp_path):
     for child in asyncsql["children"]:
         assert child["slots"] == 2
         assert child["draining"] is False
-        assert child["engines"]["default"] == {"size": 2, "checked_out": 2, "overflow": 0}
+        assert child["engines"]["default"] == {"size": 2, "checked_out": 2, "checked_in": 0,
+                                               "overflow": 0}
+    assert asyncsql["connections"] == {"default": 4}
