@@ -23,7 +23,8 @@ import psycopg
 
 from tests import netns
 from tests.faults.accounting import Account, settle
-from tests.integration.conftest import PG_DSN, Worker, redis_server, run_worker
+from tests.celery_suite.run import free_port
+from tests.integration.conftest import PG_DSN, RABBITMQ_URL, Worker, redis_server, run_worker
 from tests.integration.pgbouncer import pgbouncer
 
 from . import tasks
@@ -132,6 +133,7 @@ class Fleet:
     bouncer_port: int
     tmp_path: Path
     shared: str  # an address of this machine every host reaches by that name
+    amqp_port: int | None = None  # RabbitMQ's forwarder on each link, for a RabbitMQ fleet
     queue: str = field(default_factory=lambda: f"fleet-{uuid.uuid4().hex[:8]}")
 
     @property
@@ -154,16 +156,20 @@ class Fleet:
             settings["broker_transport"] = transport
         env = {"ITEST_BACKEND": f"redis://{address}:{self.broker_port}/1",
                "ITEST_DATABASE_URL": database_url or bouncer}
+        broker = (f"redis://{address}:{self.broker_port}/0" if self.amqp_port is None
+                  else f"amqp://guest:guest@{address}:{self.amqp_port}//")
         with run_worker(self.tmp_path, concurrency=concurrency, include=tasks.INCLUDE,
                         conf=settings, env=env, queue=self.queue, host=host, name=host.name,
-                        broker=f"redis://{address}:{self.broker_port}/0") as worker:
+                        broker=broker) as worker:
             yield worker
 
     def publish(self, batch: list[tuple[object, tuple]]) -> list[str]:
         """Send each ``(task, args)`` to the fleet's queue, from this machine; their ids."""
         from tests.integration.app import app
 
-        with app.connection_for_write(f"redis://127.0.0.1:{self.broker_port}/0") as conn:
+        broker = (f"redis://127.0.0.1:{self.broker_port}/0" if self.amqp_port is None
+                  else RABBITMQ_URL)
+        with app.connection_for_write(broker) as conn:
             producer = app.amqp.Producer(conn)
             return [task.apply_async(args=args, queue=self.queue, producer=producer).id
                     for task, args in batch]
@@ -190,8 +196,15 @@ def mixed_batch(run: str, count: int, hold_s: float = 0.0) -> list[tuple[object,
 
 
 @contextlib.contextmanager
-def fleet(tmp_path: Path, hosts: int = 3) -> Iterator[Fleet]:
-    """``hosts`` worker hosts, and the Redis and PgBouncer they share."""
+def fleet(tmp_path: Path, hosts: int = 3, broker: str = "redis") -> Iterator[Fleet]:
+    """``hosts`` worker hosts, and the Redis (broker unless ``broker`` is "amqp", and
+    results) and PgBouncer they share.
+
+    The machine's RabbitMQ listens on 127.0.0.1 alone: a host reaches it through a
+    forwarder on its link, which passes a cut on as silence. RabbitMQ then learns of
+    the cut from the worker's missing heartbeats (``broker_heartbeat``), as of a host
+    that died.
+    """
     prepare_database()
     with contextlib.ExitStack() as stack:
         made = [stack.enter_context(netns.host("net")) for _ in range(hosts)]
@@ -199,7 +212,13 @@ def fleet(tmp_path: Path, hosts: int = 3) -> Iterator[Fleet]:
         for host in made:
             host.route(shared, "net")
         addresses = tuple(host.links["net"].address for host in made)
-        broker = stack.enter_context(redis_server(bind=addresses))
+        redis_url = stack.enter_context(redis_server(bind=addresses))
+        redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
         bouncer = stack.enter_context(pgbouncer(SERVER_POOL, listen=("127.0.0.1", *addresses),
                                                 database=DATABASE))
-        yield Fleet(made, int(broker.rsplit(":", 1)[1].split("/")[0]), bouncer, tmp_path, shared)
+        amqp_port = None
+        if broker == "amqp":
+            amqp_port = free_port()
+            for address in addresses:
+                stack.enter_context(netns.forward(address, amqp_port, ("127.0.0.1", 5672)))
+        yield Fleet(made, redis_port, bouncer, tmp_path, shared, amqp_port)
