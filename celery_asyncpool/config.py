@@ -110,6 +110,13 @@ OPTIONS: tuple[Option, ...] = (
            "The event loop each child runs: asyncio's own, or uvloop's (pip install "
            "celery-asyncpool[uvloop]); docs/uvloop.md gives its measured effect.",
            lambda v: v in LOOPS),
+    Option("asyncsql_metrics_port", None, "a TCP port number (1-65535), or None",
+           "Serve Prometheus metrics of the worker, all its children together, at "
+           "http://<host>:<port>/metrics (pip install 'celery-asyncpool[metrics]'): "
+           "slots and tasks in flight per child, loop lag, engine pools, tasks by name "
+           "and state with their runtimes, the connection budget (docs/metrics.md). "
+           "None serves nothing.",
+           lambda v: v is None or (_is_int(v) and 1 <= v <= 65535)),
     Option("asyncsql_results_off_loop", True, "True or False",
            "Keep Celery's own I/O in an async task's tracer off the child's loop: "
            "states stored on a Redis backend in one redis.asyncio script call, chord "
@@ -180,6 +187,7 @@ class Settings:
     loop: str = "asyncio"
     results_off_loop: bool = True
     dead_host_timeout_s: int | None = 30
+    metrics_port: int | None = None
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> Settings:
@@ -203,6 +211,7 @@ class Settings:
             loop=_checked_loop(values["asyncsql_loop"]),
             results_off_loop=values["asyncsql_results_off_loop"],
             dead_host_timeout_s=values["asyncsql_dead_host_timeout_s"],
+            metrics_port=values["asyncsql_metrics_port"],
         )
 
     def layout(self, slots: int) -> tuple[int, int]:

@@ -99,6 +99,7 @@ class JobServer:
         self._max_tasks = max_tasks
         self._max_memory_kb = max_memory_kb
         self._pid = os.getpid()
+        self._loop_lag_s = 0.0  # how late the last stats timer fired: the loop's lag
         self._decoder = wire.Decoder()
         self._jobs: dict[int, RunningJob] = {}
         self._sync = SyncThread()
@@ -132,7 +133,7 @@ class JobServer:
         engines = {} if databases is None else {
             name: _pool_use(engine.pool) for name, engine in databases.engines.items()}
         return {"pid": self._pid, "slots": self._slots, "in_flight": len(self._jobs),
-                "engines": engines}
+                "engines": engines, "loop_lag_s": round(self._loop_lag_s, 4)}
 
     def _start_watchdog(self) -> Watchdog | None:
         threshold_s = self._runtime.settings.loop_block_warning_s
@@ -296,7 +297,9 @@ class JobServer:
 
     async def _report_stats(self) -> None:
         while True:
+            started = self._loop.time()
             await asyncio.sleep(STATS_INTERVAL_S)
+            self._loop_lag_s = max(0.0, self._loop.time() - started - STATS_INTERVAL_S)
             self._send((STATS, self.snapshot()))
 
     def _send(self, message: tuple[Any, ...]) -> None:

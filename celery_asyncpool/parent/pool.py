@@ -33,6 +33,7 @@ from ..errors import ConfigurationError
 from ..registration import POOL_PATH, autoscale_maximum, worker_of
 from ..wire import PipeEnd, make_pipe
 from .driver import LoopDriver
+from .metrics import Metrics
 from .supervisor import Supervisor
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         self._supervisor: Supervisor | None = None
         self._driver: Any = None
         self._hub: Any = None
+        self._metrics = (None if self.settings.metrics_port is None
+                         else Metrics(self._pool_info_for_metrics))
 
     # --- start ----------------------------------------------------------------------------
 
@@ -106,6 +109,9 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         self._supervisor.start()
         if self._hub is None:
             self._driver.start_thread()
+        if self._metrics is not None:
+            self._supervisor.on_outcome = self._metrics.observe
+            self._serve_metrics(self._metrics)
 
     def _check_fleet_in_background(self, limits: dict[str, ServerLimit]) -> None:
         """Warn when this worker and the app's running ones would overfill a server.
@@ -127,6 +133,26 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
                 _warn_at_start_up(problem)
 
         threading.Thread(target=check, name="asyncsql-fleet-check", daemon=True).start()
+
+    def _serve_metrics(self, metrics: Metrics) -> None:
+        port = self.settings.metrics_port
+        try:
+            metrics.serve(port or 0, "0.0.0.0")
+        except OSError as exc:
+            raise ConfigurationError(
+                f"Setting asyncsql_metrics_port has value {port}, where the worker cannot "
+                f"listen ({exc}); give each worker on a host a port of its own.") from None
+
+    def _pool_info_for_metrics(self) -> dict[str, Any]:
+        """The ``asyncsql`` entry of ``inspect stats``, from the metrics server's thread."""
+        for _ in range(3):  # the children may change while they are read: read again
+            try:
+                with self._lock():
+                    info: dict[str, Any] = self._get_info()["asyncsql"]
+                    return info
+            except RuntimeError:
+                continue
+        return {}
 
     def register_with_event_loop(self, loop: Any) -> None:
         """Watch the children again: Celery calls this each time the consumer starts its
@@ -278,6 +304,8 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
             self._driver.run_until(lambda: not supervisor.children, timeout_s=5)
         self._driver.close()
         _wake(self._hub)
+        if self._metrics is not None:
+            self._metrics.close()
 
     # --- reporting ------------------------------------------------------------------------
 

@@ -105,6 +105,9 @@ class Job:
         self.settled = True
         self.cancel_timers()
         self.supervisor.release_slot()
+        if self.supervisor.on_outcome is not None and self.task:
+            ended = outcome if error is None and outcome is not None else (1, error, None)
+            self.supervisor.on_outcome(str(self.task[0]), ended)
         if not notify:
             return
         try:
@@ -204,6 +207,8 @@ class Supervisor:
         self.semaphore = semaphore
         self.children: dict[int, ChildProcess] = {}
         self.waiting: collections.deque[Job] = collections.deque()
+        # Told of each job's end: (task name, Celery's trace result or (1, error, None)).
+        self.on_outcome: Callable[[str, Any], None] | None = None
         self._next_job_id = 0
         self.accepting = True
         self.respawn = True
@@ -593,6 +598,7 @@ class Supervisor:
         return [{"pid": child.pid, "slots": child.slots, "in-flight": len(child.jobs),
                  "draining": child.draining,
                  "engines": child.stats.get("engines", {}),
+                 "loop-lag-s": child.stats.get("loop_lag_s"),
                  "snapshot-age-s": (None if child.stats_at is None
                                     else round(now - child.stats_at, 3))}
                 for child in self.children.values()]

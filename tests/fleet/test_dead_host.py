@@ -21,7 +21,7 @@ from .fleet import NOTES, fleet
 from .postgres import postgres_server
 
 TIMEOUT_S = 8
-MARGIN_S = 6  # scheduling on a shared 2-core machine, and the sampling below
+MARGIN_S = 12  # a shared 2-core machine; 9.0 s measured alone, once over 14 s under load
 
 
 def test_a_dead_hosts_connections_are_freed_within_the_setting_and_not_without(tmp_path):

@@ -23,6 +23,7 @@ from .postgres import postgres_server
 SLOTS = 20
 LATE = {"task_acks_late": True, "task_reject_on_worker_lost": True}
 NAMED = {"asyncsql_engine_options": {}}  # connections named after their worker
+METRICS_PORT = 9808  # each host's own: the hosts are network namespaces
 
 
 def test_a_host_joins_and_one_shuts_down_warm_mid_run_losing_nothing(tmp_path):
@@ -33,7 +34,7 @@ def test_a_host_joins_and_one_shuts_down_warm_mid_run_losing_nothing(tmp_path):
         dsn = url.replace("+asyncpg", "").replace(hosts.shared, "127.0.0.1")
         prepare_database(dsn)
         *first_three, fourth = hosts.hosts
-        conf = {**LATE, **NAMED}
+        conf = {**LATE, **NAMED, "asyncsql_metrics_port": METRICS_PORT}
         started = [workers.enter_context(hosts.worker(host, concurrency=SLOTS, database_url=url,
                                                       conf=conf)) for host in first_three]
         leaving = started[0]
@@ -52,6 +53,7 @@ def test_a_host_joins_and_one_shuts_down_warm_mid_run_losing_nothing(tmp_path):
         time.sleep(2 * STATS_INTERVAL_S)  # the children's reports, made at rest
         at_rest = _fleet_stats(hosts)
         backends = _backends(dsn)
+        scraped = {host.name: _scraped_connections(host) for host in hosts.hosts[1:]}
     assert account.missing == [] and account.failed_total == 0, account.reasons
     assert done_at_exit < len(ids), "the others had work left when the host left"
     assert held_after_exit == 0, "a host shut down warm closes its connections"
@@ -63,6 +65,8 @@ def test_a_host_joins_and_one_shuts_down_warm_mid_run_losing_nothing(tmp_path):
         assert sum(asyncsql["connections"].values()) == backends.get(node, 0), \
             (node, asyncsql, backends)
     assert peak.value <= 3 * SLOTS + SLOTS
+    assert scraped == {node.split("@")[0]: n for node, n in backends.items()
+                       if node != leaving.hostname}, (scraped, backends)
 
 
 def _fleet_stats(hosts) -> dict[str, dict]:
@@ -80,3 +84,11 @@ def _backends(dsn: str) -> dict[str, int]:
         return dict(conn.execute(
             "SELECT split_part(application_name, ' ', 1), count(*) FROM pg_stat_activity "
             "WHERE application_name LIKE '% asyncsql %' GROUP BY 1").fetchall())
+
+
+def _scraped_connections(host) -> int:
+    """``asyncsql_connections_open`` of the worker on ``host``, scraped from this machine."""
+    from tests.integration.test_metrics import scrape, total
+
+    return int(total(scrape(host.links["net"].host_address, METRICS_PORT),
+                     "asyncsql_connections_open"))
