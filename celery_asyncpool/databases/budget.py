@@ -51,11 +51,20 @@ class ServerLimit:
     max_connections: int
     reserved: int  # superuser_reserved_connections, plus reserved_connections on 16+
     pooled: bool = False  # reached through a pooler: the fleet's clients are the pooler's
+    pgbouncer: bool = False  # PgBouncer's own limit: max_connections is its max_client_conn
 
     @property
     def usable(self) -> int:
         """Connections the server takes from roles that are not superusers."""
         return self.max_connections - self.reserved
+
+    def describe(self) -> str:
+        """What the limit is, for a message: "above the N ..."."""
+        if self.pgbouncer:
+            return (f"{self.usable} client connections PgBouncer takes (max_client_conn "
+                    f"{self.max_connections})")
+        return (f"{self.usable} it takes from roles that are not superusers (max_connections "
+                f"{self.max_connections} less {self.reserved} reserved)")
 
 
 def by_server(entries: tuple[Entry, ...]) -> dict[str, int]:

@@ -45,11 +45,11 @@ def run_check(app: Any, slots: int, *, echo: Callable[[str], Any]) -> list[str]:
             echo(f"  connections: {entry.connections} in all (children and parent)")
     echo(f"connection budget: {sum(entry.connections for entry in budget)}")
     problems, limits = _probe(settings, sizing, budget, echo)
-    return problems + _check_fleet(app, budget, limits, echo)
+    return problems + _check_fleet(app, settings, budget, limits, echo)
 
 
-def _check_fleet(app: Any, budget: tuple[Entry, ...], limits: dict[str, ServerLimit],
-                 echo: Callable[[str], Any]) -> list[str]:
+def _check_fleet(app: Any, settings: Settings, budget: tuple[Entry, ...],
+                 limits: dict[str, ServerLimit], echo: Callable[[str], Any]) -> list[str]:
     """The budgets the app's running workers advertise, added to this one per server."""
     try:
         peers = fleet.advertised(app, own_node=None)
@@ -57,14 +57,46 @@ def _check_fleet(app: Any, budget: tuple[Entry, ...], limits: dict[str, ServerLi
         echo(f"fleet: the app's workers could not be asked ({type(exc).__name__}: {exc})")
         return []
     own = by_server(budget)
+    judged = dict(limits)
     for server, total in fleet.totals(own, peers).items():
         echo(f"fleet: {total} connections to {server} with the "
              f"{len(fleet.sharing(peers, server))} running asyncsql worker(s) that use it")
         limit = limits.get(server)
-        if limit is not None and limit.pooled:
-            echo(f"  through a pooler: compare {total} with PgBouncer's max_client_conn; "
-                 "the server sees at most its pool sizes")
-    return fleet.over_limits("this check's worker", own, peers, limits)
+        if limit is None or not limit.pooled:
+            continue
+        urls = [database.url for database in settings.databases
+                if server_of(database.url) == server]
+        most = pgbouncer_max_client_conn(urls[0]) if urls else None
+        if most is None:
+            echo(f"  through a pooler whose settings cannot be read here: compare {total} "
+                 "with PgBouncer's max_client_conn; the server sees at most its pool sizes")
+        else:
+            echo(f"  through PgBouncer: max_client_conn = {most}")
+            judged[server] = ServerLimit(most, 0, pgbouncer=True)
+    return fleet.over_limits("this check's worker", own, peers, judged)
+
+
+def pgbouncer_max_client_conn(url: str) -> int | None:
+    """PgBouncer's ``max_client_conn``, read on its admin console (``SHOW CONFIG``) as the
+    database's user; None where psycopg is not installed or the user may not read it
+    (PgBouncer's ``admin_users`` or ``stats_users``). The console speaks the simple query
+    protocol alone: psycopg's ``ClientCursor`` does."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    parsed = make_url(url)
+    try:
+        with psycopg.connect(host=parsed.host, port=parsed.port or 5432, user=parsed.username,
+                             password=parsed.password, dbname="pgbouncer", autocommit=True,
+                             connect_timeout=5, cursor_factory=psycopg.ClientCursor) as conn:
+            rows = conn.execute("SHOW CONFIG").fetchall()
+    except Exception:
+        return None
+    found = [row[1] for row in rows if row[0] == "max_client_conn"]
+    return int(found[0]) if found else None
 
 
 STARTUP_PROBE_TIMEOUT_S = 5.0

@@ -55,18 +55,21 @@ def totals(own: Mapping[str, int], peers: Budgets) -> dict[str, int]:
 def over_limits(own_name: str, own: Mapping[str, int], peers: Budgets,
                 limits: Mapping[str, ServerLimit]) -> list[str]:
     """A problem for each server the fleet's budgets together would overfill, naming each
-    worker and its share. A pooled server is left out: its clients are the pooler's."""
+    worker and its share. A pooled server's PostgreSQL limit is left out (its clients are
+    the pooler's); PgBouncer's own limit counts even for a worker alone."""
     problems = []
     for server, total in totals(own, peers).items():
         limit = limits.get(server)
         shares = sharing(peers, server)
-        if limit is None or limit.pooled or not shares or total <= limit.usable:
+        if limit is None or limit.pooled or (not shares and not limit.pgbouncer) \
+                or total <= limit.usable:
             continue
-        named = ", ".join(f"{node} {n}" for node, n in sorted(shares.items()))
+        named = "".join(f"{node} {n}, " for node, n in sorted(shares.items()))[:-2] + "; " \
+            if shares else ""
+        fix = ("raise PgBouncer's max_client_conn" if limit.pgbouncer
+               else "put PgBouncer in front")
         problems.append(
-            f"Server {server}: the fleet may open {total} connections ({named}; "
-            f"{own_name} {own.get(server, 0)}), above the {limit.usable} it takes from "
-            f"roles that are not superusers (max_connections {limit.max_connections} less "
-            f"{limit.reserved} reserved). Lower -c or asyncsql_connection_cap across the "
-            "fleet, or put PgBouncer in front (docs/sizing.md, 'A fleet').")
+            f"Server {server}: the fleet may open {total} connections ({named}"
+            f"{own_name} {own.get(server, 0)}), above the {limit.describe()}. Lower -c or "
+            f"asyncsql_connection_cap across the fleet, or {fix} (docs/sizing.md, 'A fleet').")
     return problems

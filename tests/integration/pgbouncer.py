@@ -18,7 +18,7 @@ import pytest
 
 @contextmanager
 def pgbouncer(pool_size: int = 2, listen: tuple[str, ...] = ("127.0.0.1",),
-              database: str = "test") -> Iterator[int]:
+              database: str = "test", max_client_conn: int = 1000) -> Iterator[int]:
     """PgBouncer with ``pool_mode = transaction`` and ``pool_size`` server connections
     for ``database`` (served under the same name), listening on the ``listen`` addresses;
     its port, stopped by its PID."""
@@ -40,7 +40,7 @@ def pgbouncer(pool_size: int = 2, listen: tuple[str, ...] = ("127.0.0.1",),
             f"listen_addr = {','.join(listen)}\nlisten_port = {port}\nunix_socket_dir =\n"
             "auth_type = any\npool_mode = transaction\n"
             f"default_pool_size = {pool_size}\nmin_pool_size = 0\nreserve_pool_size = 0\n"
-            "max_client_conn = 1000\n"
+            f"max_client_conn = {max_client_conn}\n"
             "ignore_startup_parameters = extra_float_digits,options\n"
             f"logfile = {work / 'pgbouncer.log'}\n")
         config.chmod(0o644)

@@ -29,6 +29,20 @@ def test_check_finds_an_idle_pooler_and_names_the_setting():
     assert "through a pooler (engines set up for it)" in set_up.stdout
 
 
+def test_check_judges_the_fleets_client_connections_by_pgbouncers_max_client_conn():
+    """Behind PgBouncer the server's max_connections bounds nothing the workers open:
+    PgBouncer's max_client_conn does (read on its admin console)."""
+    with pgbouncer(max_client_conn=10) as port:
+        done = celery("asyncsql", "check", "-c", "20",
+                      conf={"asyncsql_database_url": _through(port), "asyncsql_pgbouncer": True,
+                            "asyncsql_processes": 1})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "through PgBouncer: max_client_conn = 10" in done.stdout
+    assert (f"Server 127.0.0.1:{port}: the fleet may open 20 connections (this check's worker "
+            "20), above the 10 client connections PgBouncer takes (max_client_conn 10)"
+            in done.stderr), done.stderr
+
+
 def test_the_same_statement_in_every_task_fails_without_the_setting_and_never_with_it(
         worker_factory):
     """-c 20 through 2 server connections, 300 tasks each running one parameterised SELECT
