@@ -13,7 +13,6 @@ import gc
 import logging
 import math
 import os
-import threading
 from contextlib import nullcontext
 from typing import Any
 
@@ -73,6 +72,7 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         self._supervisor: Supervisor | None = None
         self._driver: Any = None
         self._hub: Any = None
+        self._fleet_check: tuple[dict[str, int], dict[str, ServerLimit]] | None = None
         self._metrics = (None if self.settings.metrics_port is None
                          else Metrics(self._pool_info_for_metrics))
 
@@ -114,25 +114,14 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
             self._serve_metrics(self._metrics)
 
     def _check_fleet_in_background(self, limits: dict[str, ServerLimit]) -> None:
-        """Warn when this worker and the app's running ones would overfill a server.
+        """Have the first child warn when this worker and the app's running ones would
+        overfill a server.
 
-        On a thread: the other workers get ``fleet.INSPECT_TIMEOUT_S`` to answer,
-        which the worker's start does not wait for.
+        The other workers get ``fleet.INSPECT_TIMEOUT_S`` to answer, which the
+        worker's start does not wait for. Not on a thread of this parent: a child
+        forked while that thread held a lock of kombu's would inherit it held.
         """
-        own_node = self.options["initargs"][1]
-        self.app.amqp.producer_pool  # noqa: B018 (made here: sized once, see child.celery_io)
-
-        def check() -> None:
-            try:
-                peers = fleet.advertised(self.app, own_node)
-            except Exception as exc:
-                logger.debug("asyncsql pool: the fleet's budgets could not be asked: %r", exc)
-                return
-            for problem in fleet.over_limits(f"this worker {own_node}", by_server(self.budget),
-                                             peers, limits):
-                _warn_at_start_up(problem)
-
-        threading.Thread(target=check, name="asyncsql-fleet-check", daemon=True).start()
+        self._fleet_check = (by_server(self.budget), limits)
 
     def _serve_metrics(self, metrics: Metrics) -> None:
         port = self.settings.metrics_port
@@ -171,13 +160,14 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         report_r, report_w = make_pipe()
         app, hostname = self.options["initargs"]
         fork = self.forking_enable
+        fleet_check, self._fleet_check = self._fleet_check, None  # the first child's
         parent_fds = [job_w, report_r, *self._parent_fds()] if fork else []
         context: Any = get_context("fork" if fork else "spawn")
         process = context.Process(
             target=child_entry, name=f"asyncsql-child-{index}", daemon=True,
             args=(parent_fds, app, hostname, self.slots_per_child, self.processes,
                   PipeEnd(job_r), PipeEnd(report_w), self.options.get("maxtasksperchild"),
-                  self.options.get("max_memory_per_child")))
+                  self.options.get("max_memory_per_child"), fleet_check))
         _start_sharing_memory(process)
         os.close(job_r)
         os.close(report_w)
