@@ -6,6 +6,7 @@ and builds its engines after fork, on that loop.
 
 __version__ = "0.1.0"  # the one version source: pyproject.toml reads it
 
+from .awaiting import aget as aget
 from .databases.api import engine as engine
 from .databases.api import session as session
 from .errors import AsyncPoolError as AsyncPoolError
@@ -14,6 +15,7 @@ from .errors import ConfigurationError as ConfigurationError
 from .errors import NoRuntimeError as NoRuntimeError
 from .hooks import on_child_start as on_child_start
 from .hooks import on_child_stop as on_child_stop
+from .on_commit import send_on_commit as send_on_commit
 from .parent.pool import TaskPool as TaskPool
 from .publish import aapply_async as aapply_async
 from .registration import register as _register
@@ -29,11 +31,13 @@ __all__ = (
     "NoRuntimeError",
     "TaskPool",
     "aapply_async",
+    "aget",
     "bind",
     "engine",
     "on_child_start",
     "on_child_stop",
     "open_databases",
+    "send_on_commit",
     "session",
 )
 

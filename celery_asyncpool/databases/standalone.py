@@ -20,10 +20,10 @@ import atexit
 import logging
 import os
 import warnings
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import _compat
 from ..config import Settings
@@ -113,6 +113,18 @@ def _start(watcher: AsyncGenerator[None, None]) -> None:
     except StopIteration:
         return
     raise AssertionError("the watcher awaited before its first yield")  # pragma: no cover
+
+
+def at_loop_shutdown(close: Callable[[], Awaitable[Any]]) -> None:
+    """Await ``close()`` on the running loop when its runner shuts it down (``asyncio.run``
+    does), as the engines built here are disposed."""
+    async def watcher() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await close()
+
+    _start(watcher())
 
 
 async def _dispose_at_loop_shutdown(opened: _Opened) -> AsyncGenerator[None, None]:

@@ -5,6 +5,7 @@ broker and a file result backend under ``./var``. FASTAPI_DATABASE_URL,
 FASTAPI_BROKER and FASTAPI_BACKEND point it at PostgreSQL and Redis.
 """
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -33,8 +34,10 @@ for folder in ("broker", "control", "results"):
 
 
 @app.task
-async def count_words(document_id: int) -> int:
-    """Count a document's words and store the count, on the worker's engine and loop."""
+async def count_words(document_id: int, delay_s: float = 0.0) -> int:
+    """Count a document's words and store the count, on the worker's engine and loop;
+    after ``delay_s`` (the example's test makes one slow to count)."""
+    await asyncio.sleep(delay_s)
     async with session() as s, s.begin():
         document = await s.get_one(Document, document_id)
         document.words = len(document.text.split())

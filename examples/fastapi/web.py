@@ -2,12 +2,16 @@
 
     uvicorn web:app                             # in examples/fastapi
     celery -A tasks worker -P asyncsql          # beside it
+
+A document's task is sent when the transaction that stores it commits
+(``send_on_commit``), and its result is awaited without blocking the server's
+loop (``aget``): other requests, ``/health`` among them, are answered meanwhile.
 """
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 from fastapi import FastAPI, HTTPException
 from models import Base, Document
@@ -15,7 +19,7 @@ from pydantic import BaseModel
 from tasks import app as celery_app
 from tasks import count_words
 
-from celery_asyncpool import engine, open_databases, session
+from celery_asyncpool import aget, engine, open_databases, send_on_commit, session
 
 
 @asynccontextmanager
@@ -32,17 +36,21 @@ app = FastAPI(lifespan=lifespan)
 
 class NewDocument(BaseModel):
     text: str
+    delay_s: float = 0.0  # how long the task waits before counting (the test's slow task)
+    fail: bool = False  # fail the request after the insert: rolled back, nothing sent
 
 
 @app.post("/documents", status_code=202)
 async def add_document(new: NewDocument) -> dict[str, object]:
-    """Store a document, then ask a worker to count its words."""
+    """Store a document; once it is committed, ask a worker to count its words."""
     async with session() as s, s.begin():
         document = Document(text=new.text)
         s.add(document)
-    # Committed above, so the worker finds the row. Publishing is blocking I/O:
-    # keep it off the server's loop.
-    result = await asyncio.to_thread(count_words.delay, document.id)
+        await s.flush()  # its id
+        sent = send_on_commit(s, count_words.s(document.id, new.delay_s))
+        if new.fail:
+            raise HTTPException(422, "failed after the insert: rolled back, nothing sent")
+    result = await sent  # the transaction above has committed: the worker finds the row
     return {"id": document.id, "task_id": result.id}
 
 
@@ -55,9 +63,16 @@ async def get_document(document_id: int) -> dict[str, object]:
     return {"id": document.id, "status": document.status, "words": document.words}
 
 
-@app.get("/tasks/{task_id}")
-def get_task(task_id: str) -> dict[str, object]:
-    """A task's state and result (a sync handler: FastAPI runs it off the loop)."""
-    result = AsyncResult(task_id, app=celery_app)
-    value = result.result if result.successful() else None
-    return {"state": result.state, "result": value}
+@app.get("/tasks/{task_id}/result")
+async def task_result(task_id: str, timeout: float = 10) -> dict[str, object]:
+    """The task's result, awaited up to ``timeout`` seconds (504 after that)."""
+    try:
+        value = await aget(AsyncResult(task_id, app=celery_app), timeout=timeout)
+    except CeleryTimeoutError:
+        raise HTTPException(504, f"task {task_id} is not done after {timeout} s") from None
+    return {"result": value}
+
+
+@app.get("/health")
+async def health() -> dict[str, bool]:
+    return {"ok": True}

@@ -3,10 +3,14 @@ typed task module, as the README writes one."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from celery import Celery
+from celery.result import AsyncResult
 from sqlalchemy import text
 
-from celery_asyncpool import AsyncTask, engine, session
+from celery_asyncpool import AsyncTask, aget, engine, send_on_commit, session
 
 app = Celery("users", task_cls="celery_asyncpool:AsyncTask")
 
@@ -29,3 +33,13 @@ async def server_version() -> str:
 def send() -> None:
     activate.delay(42)
     server_version.delay()
+
+
+async def create_then_await(user_id: int) -> str:
+    """A web handler's: send on commit, then await the result without blocking the loop."""
+    async with session() as s:
+        await s.execute(text("SELECT 1"))
+        sent: asyncio.Future[AsyncResult[Any]] = send_on_commit(s, activate.s(user_id))
+        await s.commit()
+    result = await sent
+    return str(await aget(result, timeout=10))
