@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from .. import _compat, offload
 from ..config import Settings
-from ..databases import fleet
 from ..databases.engines import Sizing, forget_inherited_loops
 from ..databases.fork import make_inherited_engines_safe
 from ..errors import ChildStartError
@@ -35,16 +34,11 @@ START_FAILED_EXITCODE = 3
 
 def child_entry(parent_fds: list[int], app: Any, hostname: str, slots: int, processes: int,
                 job: PipeEnd, report: PipeEnd, max_tasks: int | None,
-                max_memory_kb: int | None, fleet_check: Any = None) -> None:
-    """The child process: drop the parent's ends of every pipe, then serve jobs.
-
-    ``fleet_check`` (the first child's): this worker's budget per server and the
-    servers' limits, to compare with the other workers' (``databases.fleet``).
-    """
+                max_memory_kb: int | None) -> None:
+    """The child process: drop the parent's ends of every pipe, then serve jobs."""
     for fd in parent_fds:
         os.close(fd)
-    child_main(app, hostname, slots, processes, job.fd, report.fd, max_tasks, max_memory_kb,
-               fleet_check)
+    child_main(app, hostname, slots, processes, job.fd, report.fd, max_tasks, max_memory_kb)
 
 
 def ignore_group_sigterm() -> None:
@@ -61,8 +55,7 @@ def ignore_group_sigterm() -> None:
 
 
 def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: int,
-               report_fd: int, max_tasks: int | None, max_memory_kb: int | None,
-               fleet_check: Any = None) -> None:
+               report_fd: int, max_tasks: int | None, max_memory_kb: int | None) -> None:
     """Set up this freshly forked child, serve jobs until told to stop, tear down, say BYE.
 
     Returns once BYE is sent; the caller then exits the process (with 0).
@@ -94,8 +87,6 @@ def child_main(app: Celery, hostname: str, slots: int, processes: int, job_fd: i
     leftovers.install_task_factory(runtime.loop)  # on top of one a start hook set
     reports = ReportPipe(report_fd)
     reports.send((UP, os.getpid()))
-    if fleet_check is not None:
-        fleet.check_in_background(app, hostname, *fleet_check)
     server = JobServer(runtime, async_tasks, slots, job_fd, reports,
                        max_tasks=max_tasks, max_memory_kb=max_memory_kb)
     try:

@@ -2,26 +2,21 @@
 
 Engines connect lazily, so ``pg_stat_activity`` at start-up says little of
 what a fleet will hold. Each worker advertises its budget per server in
-``inspect stats`` (the pool's ``asyncsql`` entry, ``BUDGET_KEY``); a starting
-worker and ``celery asyncsql check`` ask every worker the app's broker reaches,
-add their own, and compare each server's total with what it takes from roles
-that are not superusers: ``max_connections`` less the reserved slots.
+``inspect stats`` (the pool's ``asyncsql`` entry, ``BUDGET_KEY``);
+``celery asyncsql check`` asks every worker the app's broker reaches, adds the
+budget it would start with, and compares each server's total with what it takes
+from roles that are not superusers: ``max_connections`` less the reserved slots.
 
 Servers are named as each worker's URL names them (``host:port``): workers that
-reach one server by different names are not added up. Two workers starting in
-the same second do not see each other; the one that starts after them will.
+reach one server by different names are not added up.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from .budget import ServerLimit
-
-logger = logging.getLogger(__name__)
 
 BUDGET_KEY = "connection-budget-by-server"
 INSPECT_TIMEOUT_S = 1.0
@@ -77,21 +72,3 @@ def over_limits(own_name: str, own: Mapping[str, int], peers: Budgets,
             f"{own_name} {own.get(server, 0)}), above the {limit.describe()}. Lower -c or "
             f"asyncsql_connection_cap across the fleet, or {fix} (docs/sizing.md, 'A fleet').")
     return problems
-
-
-def check_in_background(app: Any, node: str, own: Mapping[str, int],
-                        limits: Mapping[str, ServerLimit]) -> None:
-    """Warn, from a thread of the calling process, when ``node`` and the app's running
-    workers would overfill a server. A worker's first child calls it: a process that
-    forks must not have a thread inside kombu when it does."""
-    def check() -> None:
-        try:
-            peers = advertised(app, node)
-        except Exception as exc:
-            logger.debug("asyncsql pool: the fleet's budgets could not be asked: %r", exc)
-            return
-        for problem in over_limits(f"this worker {node}", own, peers, limits):
-            logger.warning("asyncsql pool at start-up: %s The worker runs on; "
-                           "`celery asyncsql check` tells more.", problem)
-
-    threading.Thread(target=check, name="asyncsql-fleet-check", daemon=True).start()

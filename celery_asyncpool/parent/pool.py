@@ -23,7 +23,7 @@ from kombu.asynchronous import get_event_loop
 from .. import _compat, messages, results
 from ..child.process import child_entry
 from ..config import Settings
-from ..databases.budget import ServerLimit, by_server, connection_budget, describe, most_children
+from ..databases.budget import by_server, connection_budget, describe, most_children
 from ..databases import fleet
 from ..databases.checks import startup_warnings
 from ..databases.engines import Sizing, check_engine_options
@@ -72,7 +72,6 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         self._supervisor: Supervisor | None = None
         self._driver: Any = None
         self._hub: Any = None
-        self._fleet_check: tuple[dict[str, int], dict[str, ServerLimit]] | None = None
         self._metrics = (None if self.settings.metrics_port is None
                          else Metrics(self._pool_info_for_metrics))
 
@@ -82,11 +81,9 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         logger.info("asyncsql pool: %d processes, %d task slot(s) each, on %s event loops; "
                     "database connections at most %s", self.processes, self.slots_per_child,
                     self.settings.loop, describe(self.budget))
-        warnings, limits = startup_warnings(self.settings, self.sizing, self.budget)
+        warnings, _limits = startup_warnings(self.settings, self.sizing, self.budget)
         for warning in warnings:
             _warn_at_start_up(warning)
-        if limits:
-            self._check_fleet_in_background(limits)
         if not self.forking_enable:
             # As prefork does for spawn: Celery keys a fresh interpreter's set-up (how
             # @app.task binds, the fast tracer's registry) off this variable.
@@ -112,16 +109,6 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         if self._metrics is not None:
             self._supervisor.on_outcome = self._metrics.observe
             self._serve_metrics(self._metrics)
-
-    def _check_fleet_in_background(self, limits: dict[str, ServerLimit]) -> None:
-        """Have the first child warn when this worker and the app's running ones would
-        overfill a server.
-
-        The other workers get ``fleet.INSPECT_TIMEOUT_S`` to answer, which the
-        worker's start does not wait for. Not on a thread of this parent: a child
-        forked while that thread held a lock of kombu's would inherit it held.
-        """
-        self._fleet_check = (by_server(self.budget), limits)
 
     def _serve_metrics(self, metrics: Metrics) -> None:
         port = self.settings.metrics_port
@@ -160,14 +147,13 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         report_r, report_w = make_pipe()
         app, hostname = self.options["initargs"]
         fork = self.forking_enable
-        fleet_check, self._fleet_check = self._fleet_check, None  # the first child's
         parent_fds = [job_w, report_r, *self._parent_fds()] if fork else []
         context: Any = get_context("fork" if fork else "spawn")
         process = context.Process(
             target=child_entry, name=f"asyncsql-child-{index}", daemon=True,
             args=(parent_fds, app, hostname, self.slots_per_child, self.processes,
                   PipeEnd(job_r), PipeEnd(report_w), self.options.get("maxtasksperchild"),
-                  self.options.get("max_memory_per_child"), fleet_check))
+                  self.options.get("max_memory_per_child")))
         _start_sharing_memory(process)
         os.close(job_r)
         os.close(report_w)
