@@ -50,6 +50,14 @@ class Host:
     def up(self, link: str) -> None:
         _ip("link", "set", self.links[link].outside, "up")
 
+    def kill_all(self) -> None:
+        """SIGKILL every process in this host, as a host that loses power."""
+        pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+
     def route(self, address: str, link: str) -> None:
         """Reach ``address`` on this machine through ``link`` (see ``shared_address``)."""
         _ip("netns", "exec", self.name, "ip", "route", "add", f"{address}/32",
@@ -111,11 +119,7 @@ def _free_subnet() -> int:
 
 
 def _remove(made: Host) -> None:
-    pids = subprocess.run(["ip", "netns", "pids", made.name], capture_output=True,
-                          text=True).stdout.split()
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(pid), signal.SIGKILL)
+    made.kill_all()
     for link in made.links.values():
         subprocess.run(["ip", "link", "del", link.outside], capture_output=True)
     subprocess.run(["ip", "netns", "del", made.name], capture_output=True)

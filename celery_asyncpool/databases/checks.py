@@ -102,16 +102,17 @@ def pgbouncer_max_client_conn(url: str) -> int | None:
 STARTUP_PROBE_TIMEOUT_S = 5.0
 
 
-def startup_warnings(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...]
-                     ) -> tuple[list[str], dict[str, ServerLimit]]:
-    """What a worker should warn about at start-up (a database it cannot reach, or a
-    connection budget above a server's ``max_connections``), and each server's limits,
-    for the fleet's check.
+def startup_warnings(settings: Settings, sizing: Sizing,
+                     budget: tuple[Entry, ...]) -> list[str]:
+    """What a worker should warn about at start-up: a database it cannot reach, or a
+    connection budget above a server's ``max_connections``.
 
     Runs before any child is forked, on a loop thread that is gone when it
     returns; each database gets at most ``STARTUP_PROBE_TIMEOUT_S``.
     """
-    return _probe(settings, sizing, budget, lambda _: None, timeout_s=STARTUP_PROBE_TIMEOUT_S)
+    problems, _ = _probe(settings, sizing, budget, lambda _: None,
+                         timeout_s=STARTUP_PROBE_TIMEOUT_S)
+    return problems
 
 
 Probed = tuple[list[str], dict[str, ServerLimit]]  # the problems, each server's limits

@@ -63,12 +63,13 @@ def over_limits(own_name: str, own: Mapping[str, int], peers: Budgets,
         if limit is None or limit.pooled or (not shares and not limit.pgbouncer) \
                 or total <= limit.usable:
             continue
-        named = "".join(f"{node} {n}, " for node, n in sorted(shares.items()))[:-2] + "; " \
-            if shares else ""
+        named = [", ".join(f"{node} {n}" for node, n in sorted(shares.items())),
+                 f"{own_name} {own.get(server, 0)}"]
         fix = ("raise PgBouncer's max_client_conn" if limit.pgbouncer
                else "put PgBouncer in front")
         problems.append(
-            f"Server {server}: the fleet may open {total} connections ({named}"
-            f"{own_name} {own.get(server, 0)}), above the {limit.describe()}. Lower -c or "
-            f"asyncsql_connection_cap across the fleet, or {fix} (docs/sizing.md, 'A fleet').")
+            f"Server {server}: the fleet may open {total} connections "
+            f"({'; '.join(part for part in named if part)}), above the {limit.describe()}. "
+            f"Lower -c or asyncsql_connection_cap across the fleet, or {fix} "
+            "(docs/sizing.md, 'A fleet').")
     return problems

@@ -23,8 +23,8 @@ from kombu.asynchronous import get_event_loop
 from .. import _compat, messages, results
 from ..child.process import child_entry
 from ..config import Settings
-from ..databases.budget import by_server, connection_budget, describe, most_children
 from ..databases import fleet
+from ..databases.budget import by_server, connection_budget, describe, most_children
 from ..databases.checks import startup_warnings
 from ..databases.engines import Sizing, check_engine_options
 from ..databases.fork import watch_engines
@@ -81,9 +81,9 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         logger.info("asyncsql pool: %d processes, %d task slot(s) each, on %s event loops; "
                     "database connections at most %s", self.processes, self.slots_per_child,
                     self.settings.loop, describe(self.budget))
-        warnings, _limits = startup_warnings(self.settings, self.sizing, self.budget)
-        for warning in warnings:
-            _warn_at_start_up(warning)
+        for warning in startup_warnings(self.settings, self.sizing, self.budget):
+            logger.warning("asyncsql pool at start-up: %s The worker runs on; "
+                           "`celery asyncsql check` tells more.", warning)
         if not self.forking_enable:
             # As prefork does for spawn: Celery keys a fresh interpreter's set-up (how
             # @app.task binds, the fast tracer's registry) off this variable.
@@ -321,11 +321,6 @@ def open_connections(children: list[dict[str, Any]]) -> dict[str, int]:
             held = (use.get("checked_in") or 0) + (use.get("checked_out") or 0)
             totals[name] = totals.get(name, 0) + held
     return totals
-
-
-def _warn_at_start_up(warning: str) -> None:
-    logger.warning("asyncsql pool at start-up: %s The worker runs on; "
-                   "`celery asyncsql check` tells more.", warning)
 
 
 def _check_slots(limit: Any, autoscale: int | None) -> None:

@@ -6,14 +6,10 @@ host with the setting off is the control.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 
 import psycopg
 
-from tests import netns
 from tests.integration.conftest import eventually
 
 from . import tasks
@@ -48,7 +44,7 @@ def test_a_dead_hosts_connections_are_freed_within_the_setting_and_not_without(t
             held = backends()
             for host in (timed, control):
                 host.down("net")
-                _kill_everything_on(host)
+                host.kill_all()
             died = time.monotonic()
             eventually(lambda: a.hostname not in backends(), TIMEOUT_S + MARGIN_S,
                        f"the dead host's backends gone (held {held})", interval_s=0.25)
@@ -58,15 +54,5 @@ def test_a_dead_hosts_connections_are_freed_within_the_setting_and_not_without(t
     assert left.get(b.hostname) == held[b.hostname], \
         f"the control's backends stay without the setting: {left} (held {held})"
     NOTES.append(f"a dead host's {held[a.hostname]} backends freed {freed_after:.1f} s after "
-          f"it died (asyncsql_dead_host_timeout_s = {TIMEOUT_S}); the control's "
-          f"{held[b.hostname]} still held")
-
-
-def _kill_everything_on(host: netns.Host) -> None:
-    pids = subprocess.run(["ip", "netns", "pids", host.name], capture_output=True,
-                          text=True).stdout.split()
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+                 f"it died (asyncsql_dead_host_timeout_s = {TIMEOUT_S}); the control's "
+                 f"{held[b.hostname]} still held")

@@ -11,7 +11,6 @@ import time
 import uuid
 
 import psycopg
-from celery import Celery
 
 from celery_asyncpool.wire import STATS_INTERVAL_S
 
@@ -44,14 +43,14 @@ def test_a_host_joins_and_one_shuts_down_warm_mid_run_losing_nothing(tmp_path):
             joined = workers.enter_context(hosts.worker(fourth, concurrency=SLOTS,
                                                         database_url=url, conf=conf))
             eventually(lambda: ran_on(run, dsn)[fourth.name] > 0, 60, "the new host's first")
-            stats = _fleet_stats(hosts)
+            stats = _fleet_stats(joined)
             assert leaving.stop() == 0, leaving.logs()[-3000:]  # SIGTERM: warm shutdown
             done_at_exit = sum(ledger(run, dsn).values())
             held_after_exit = _backends(dsn).get(leaving.hostname, 0)
             account = hosts.settle("a 4th host joins, one shuts down warm (SIGTERM)", ids, run,
                                    slots=4 * SLOTS, peak=peak, dsn=dsn)
         time.sleep(2 * STATS_INTERVAL_S)  # the children's reports, made at rest
-        at_rest = _fleet_stats(hosts)
+        at_rest = _fleet_stats(joined)
         backends = _backends(dsn)
         scraped = {host.name: _scraped_connections(host) for host in hosts.hosts[1:]}
     assert account.missing == [] and account.failed_total == 0, account.reasons
@@ -69,13 +68,9 @@ def test_a_host_joins_and_one_shuts_down_warm_mid_run_losing_nothing(tmp_path):
                        if node != leaving.hostname}, (scraped, backends)
 
 
-def _fleet_stats(hosts) -> dict[str, dict]:
+def _fleet_stats(worker) -> dict[str, dict]:
     """Each worker's ``asyncsql`` entry of ``inspect stats``, asked on the fleet's broker."""
-    client = Celery("fleet-client", broker=f"redis://127.0.0.1:{hosts.broker_port}/0")
-    try:  # a client of its own: the mailbox publishes through its app's broker
-        replies = client.control.inspect(timeout=2).stats() or {}
-    finally:
-        client.close()
+    replies = worker.control().inspect(timeout=2).stats() or {}
     return {node: reply["pool"]["asyncsql"] for node, reply in replies.items()}
 
 
@@ -90,5 +85,5 @@ def _scraped_connections(host) -> int:
     """``asyncsql_connections_open`` of the worker on ``host``, scraped from this machine."""
     from tests.integration.test_metrics import scrape, total
 
-    return int(total(scrape(host.links["net"].host_address, METRICS_PORT),
+    return int(total(scrape(METRICS_PORT, host.links["net"].host_address),
                      "asyncsql_connections_open"))

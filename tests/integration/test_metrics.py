@@ -16,11 +16,8 @@ from .conftest import PG_DSN, eventually
 INCLUDE = "tests.integration.tasks,tests.integration.tasks_slots"
 
 
-def scrape(address: str | int, port: int | None = None) -> dict[tuple[str, tuple], float]:
-    """Every sample of ``/metrics`` at ``address:port`` (or 127.0.0.1 and the one port
-    given): (name, sorted labels) -> value."""
-    if port is None:
-        address, port = "127.0.0.1", int(address)
+def scrape(port: int, address: str = "127.0.0.1") -> dict[tuple[str, tuple], float]:
+    """Every sample of ``/metrics`` at ``address:port``: (name, sorted labels) -> value."""
     with urllib.request.urlopen(f"http://{address}:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
