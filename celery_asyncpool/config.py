@@ -84,6 +84,13 @@ OPTIONS: tuple[Option, ...] = (
            "and tcp_user_timeout to notice within this. Not behind a pooler (set "
            "PgBouncer's own). None leaves the server's settings (Linux: about 2 hours).",
            lambda v: v is None or (_is_int(v) and v >= 2)),
+    Option("asyncsql_fleet_check_s", 1.0, "a number of seconds > 0, or None",
+           "How long a starting worker waits for the app's running workers to tell "
+           "their connection budgets (inspect stats, as mingle waits for its neighbours) "
+           "before it takes tasks; it warns when the fleet together would pass a "
+           "server's max_connections (or PgBouncer's max_client_conn). None asks no one "
+           "(`celery asyncsql check` still adds the fleet up).",
+           lambda v: v is None or (_is_number(v) and v > 0)),
     Option("asyncsql_connection_cap", 80, "a whole number >= 1",
            "Most database connections all children of one worker may hold, per "
            "database; pool_size defaults are lowered to stay within it.",
@@ -187,6 +194,7 @@ class Settings:
     loop: str = "asyncio"
     results_off_loop: bool = True
     dead_host_timeout_s: int | None = 30
+    fleet_check_s: float | None = 1.0
     metrics_port: int | None = None
 
     @classmethod
@@ -211,6 +219,7 @@ class Settings:
             loop=_checked_loop(values["asyncsql_loop"]),
             results_off_loop=values["asyncsql_results_off_loop"],
             dead_host_timeout_s=values["asyncsql_dead_host_timeout_s"],
+            fleet_check_s=values["asyncsql_fleet_check_s"],
             metrics_port=values["asyncsql_metrics_port"],
         )
 

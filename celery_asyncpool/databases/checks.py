@@ -45,15 +45,23 @@ def run_check(app: Any, slots: int, *, echo: Callable[[str], Any]) -> list[str]:
             echo(f"  connections: {entry.connections} in all (children and parent)")
     echo(f"connection budget: {sum(entry.connections for entry in budget)}")
     problems, limits = _probe(settings, sizing, budget, echo)
-    return problems + _check_fleet(app, settings, budget, limits, echo)
+    return problems + fleet_problems(app, settings, budget, limits, echo)
 
 
-def _check_fleet(app: Any, settings: Settings, budget: tuple[Entry, ...],
-                 limits: dict[str, ServerLimit], echo: Callable[[str], Any]) -> list[str]:
-    """The budgets the app's running workers advertise, added to this one per server."""
+def fleet_problems(app: Any, settings: Settings, budget: tuple[Entry, ...],
+                   limits: dict[str, ServerLimit], echo: Callable[[str], Any], *,
+                   own_name: str = "this check's worker", node: str | None = None,
+                   connection: Any = None,
+                   timeout_s: float = fleet.INSPECT_TIMEOUT_S) -> list[str]:
+    """The budgets the app's running workers advertise, added to this one per server:
+    a problem for each server they would overfill (``fleet.over_limits``).
+
+    ``node`` is left out of the replies (a worker's own); ``connection`` is the broker
+    connection to ask on (the app's pool where None).
+    """
     try:
-        peers = fleet.advertised(app, own_node=None)
-    except Exception as exc:  # the check still judges this worker alone
+        peers = fleet.advertised(app, own_node=node, timeout_s=timeout_s, connection=connection)
+    except Exception as exc:  # the worker alone is still judged
         echo(f"fleet: the app's workers could not be asked ({type(exc).__name__}: {exc})")
         return []
     own = by_server(budget)
@@ -73,7 +81,7 @@ def _check_fleet(app: Any, settings: Settings, budget: tuple[Entry, ...],
         else:
             echo(f"  through PgBouncer: max_client_conn = {most}")
             judged[server] = ServerLimit(most, 0, pgbouncer=True)
-    return fleet.over_limits("this check's worker", own, peers, judged)
+    return fleet.over_limits(own_name, own, peers, judged)
 
 
 def pgbouncer_max_client_conn(url: str) -> int | None:
@@ -102,20 +110,18 @@ def pgbouncer_max_client_conn(url: str) -> int | None:
 STARTUP_PROBE_TIMEOUT_S = 5.0
 
 
-def startup_warnings(settings: Settings, sizing: Sizing,
-                     budget: tuple[Entry, ...]) -> list[str]:
-    """What a worker should warn about at start-up: a database it cannot reach, or a
-    connection budget above a server's ``max_connections``.
+Probed = tuple[list[str], dict[str, ServerLimit]]  # the problems, each server's limits
+
+
+def startup_probe(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...]) -> Probed:
+    """What a worker should warn about at start-up (a database it cannot reach, a
+    connection budget above a server's ``max_connections``), and each server's limits,
+    which the fleet's budgets are judged against once the consumer is connected.
 
     Runs before any child is forked, on a loop thread that is gone when it
     returns; each database gets at most ``STARTUP_PROBE_TIMEOUT_S``.
     """
-    problems, _ = _probe(settings, sizing, budget, lambda _: None,
-                         timeout_s=STARTUP_PROBE_TIMEOUT_S)
-    return problems
-
-
-Probed = tuple[list[str], dict[str, ServerLimit]]  # the problems, each server's limits
+    return _probe(settings, sizing, budget, lambda _: None, timeout_s=STARTUP_PROBE_TIMEOUT_S)
 
 
 def _probe(settings: Settings, sizing: Sizing, budget: tuple[Entry, ...],

@@ -3,9 +3,10 @@
 Engines connect lazily, so ``pg_stat_activity`` at start-up says little of
 what a fleet will hold. Each worker advertises its budget per server in
 ``inspect stats`` (the pool's ``asyncsql`` entry, ``BUDGET_KEY``);
-``celery asyncsql check`` asks every worker the app's broker reaches, adds the
-budget it would start with, and compares each server's total with what it takes
-from roles that are not superusers: ``max_connections`` less the reserved slots.
+``celery asyncsql check`` and a starting worker (``parent.fleet_check``) ask
+every worker the app's broker reaches, add their own budget, and compare each
+server's total with what it takes from roles that are not superusers:
+``max_connections`` less the reserved slots.
 
 Servers are named as each worker's URL names them (``host:port``): workers that
 reach one server by different names are not added up.
@@ -24,11 +25,11 @@ INSPECT_TIMEOUT_S = 1.0
 Budgets = Mapping[str, Mapping[str, int]]  # worker node -> server -> connections
 
 
-def advertised(app: Any, own_node: str | None,
-               timeout_s: float = INSPECT_TIMEOUT_S) -> dict[str, dict[str, int]]:
-    """The budget per server of each asyncsql worker that answers ``inspect stats``,
-    ``own_node`` left out (a worker may already answer its own broadcast)."""
-    replies = app.control.inspect(timeout=timeout_s).stats() or {}
+def advertised(app: Any, own_node: str | None, timeout_s: float = INSPECT_TIMEOUT_S,
+               connection: Any = None) -> dict[str, dict[str, int]]:
+    """The budget per server of each asyncsql worker that answers ``inspect stats``
+    within ``timeout_s``, ``own_node`` left out (a worker may answer its own broadcast)."""
+    replies = app.control.inspect(timeout=timeout_s, connection=connection).stats() or {}
     peers: dict[str, dict[str, int]] = {}
     for node, stats in replies.items():
         pool = stats.get("pool") if isinstance(stats, dict) else None

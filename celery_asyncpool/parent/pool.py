@@ -24,14 +24,15 @@ from .. import _compat, messages, results
 from ..child.process import child_entry
 from ..config import Settings
 from ..databases import fleet
-from ..databases.budget import by_server, connection_budget, describe, most_children
-from ..databases.checks import startup_warnings
+from ..databases.budget import ServerLimit, by_server, connection_budget, describe, most_children
+from ..databases.checks import fleet_problems, startup_probe
 from ..databases.engines import Sizing, check_engine_options
 from ..databases.fork import watch_engines
 from ..errors import ConfigurationError
 from ..registration import POOL_PATH, autoscale_maximum, worker_of
 from ..wire import PipeEnd, make_pipe
 from .driver import LoopDriver
+from .fleet_check import FleetCheck
 from .metrics import Metrics
 from .supervisor import Supervisor
 
@@ -69,6 +70,8 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         self.sizing = Sizing(self.slots_per_child, self.processes, self.settings.connection_cap)
         check_engine_options(self.settings, self.sizing)
         self.budget = connection_budget(self.app.conf, self.settings, self.sizing)
+        self.app.steps["consumer"].add(FleetCheck)
+        self.server_limits: dict[str, ServerLimit] = {}
         self._supervisor: Supervisor | None = None
         self._driver: Any = None
         self._hub: Any = None
@@ -81,7 +84,8 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         logger.info("asyncsql pool: %d processes, %d task slot(s) each, on %s event loops; "
                     "database connections at most %s", self.processes, self.slots_per_child,
                     self.settings.loop, describe(self.budget))
-        for warning in startup_warnings(self.settings, self.sizing, self.budget):
+        warnings, self.server_limits = startup_probe(self.settings, self.sizing, self.budget)
+        for warning in warnings:
             logger.warning("asyncsql pool at start-up: %s The worker runs on; "
                            "`celery asyncsql check` tells more.", warning)
         if not self.forking_enable:
@@ -109,6 +113,20 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         if self._metrics is not None:
             self._supervisor.on_outcome = self._metrics.observe
             self._serve_metrics(self._metrics)
+
+    def warn_about_fleet(self, node: str, connection: Any) -> None:
+        """Warn when this worker and the app's running workers would together overfill a
+        server; from the consumer's thread, on its broker connection (``FleetCheck``)."""
+        if self.settings.fleet_check_s is None or not self.server_limits:
+            return
+        def echo(line: str) -> None:
+            logger.info("asyncsql pool: %s", line)
+        for problem in fleet_problems(self.app, self.settings, self.budget, self.server_limits,
+                                      echo, own_name=f"this worker {node}", node=node,
+                                      connection=connection,
+                                      timeout_s=self.settings.fleet_check_s):
+            logger.warning("asyncsql pool at start-up: %s The worker runs on; "
+                           "`celery asyncsql check` tells more.", problem)
 
     def _serve_metrics(self, metrics: Metrics) -> None:
         port = self.settings.metrics_port

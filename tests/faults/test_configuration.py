@@ -21,6 +21,7 @@ WRONG = {  # one wrong type or range for every setting; a new setting must be ad
     "asyncsql_databases": ["reports"],
     "asyncsql_pgbouncer": "transaction",
     "asyncsql_dead_host_timeout_s": 1.5,
+    "asyncsql_fleet_check_s": 0,
     "asyncsql_connection_cap": 0,
     "asyncsql_metrics_port": 70000,
     "asyncsql_hook_timeout_s": 0,

@@ -151,7 +151,7 @@ class Fleet:
         address = host.links["net"].address
         bouncer = f"postgresql+asyncpg://postgres@{address}:{self.bouncer_port}/{DATABASE}"
         settings = {"asyncsql_processes": 1, "asyncsql_pgbouncer": database_url is None,
-                    **(conf or {})}
+                    "asyncsql_fleet_check_s": 1.0, **(conf or {})}
         if transport:
             settings["broker_transport"] = transport
         env = {"ITEST_BACKEND": f"redis://{address}:{self.broker_port}/1",

@@ -1,8 +1,8 @@
 """The fleet's connection budget: three hosts on one PostgreSQL whose ``max_connections``
-the test lowers. Each worker advertises its budget in ``inspect stats``; ``celery asyncsql
-check`` adds up the running workers' and its own and fails when the server would be
-overfilled, naming the workers and the figures; ``pg_stat_activity`` names each
-connection's worker.
+the test lowers. Each worker advertises its budget in ``inspect stats``; a starting worker
+(warns) and ``celery asyncsql check`` (fails) add up the running workers' and their own when
+the server would be overfilled, naming the workers and the figures; ``pg_stat_activity``
+names each connection's worker.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ def test_check_names_the_workers_that_would_overfill_the_server_with_one_more(tm
             before = _check(hosts, url)  # before a third starts: 20 + 20 running, 20 more: 60 > 47
             with hosts.worker(third, concurrency=SLOTS, database_url=url,
                               conf=DEFAULT_NAMES) as c:
+                shares = ", ".join(f"{w.hostname} 20"
+                                   for w in sorted((a, b), key=lambda w: w.hostname))
+                c.wait_for_log(f"asyncsql pool at start-up: Server {server}: the fleet may "
+                               f"open 60 connections ({shares}; this worker {c.hostname} 20)"
+                               ", above the 47", timeout_s=5)
                 backend = RedisBackend(app=app, url=hosts.results_url)
                 ids = hosts.publish([(tasks.connection_name, (1.0,))] * 30)
                 names = Counter(app.AsyncResult(i, backend=backend).get(timeout=60) for i in ids)

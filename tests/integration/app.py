@@ -30,6 +30,9 @@ app.conf.update(
     result_extended=True,
     asyncsql_database_url=DATABASE_URL,
     asyncsql_engine_options={"connect_args": {"server_settings": {"application_name": APP_NAME}}},
+    # The tests' workers share a broker but are no fleet: none asks the others at start-up
+    # (tests/fleet turns it on, on brokers of their own).
+    asyncsql_fleet_check_s=None,
 )
 app.conf.update(json.loads(os.environ.get("ITEST_CONF", "{}")))
 

@@ -19,7 +19,7 @@ class App:
         self.control = self
         self._replies = replies
 
-    def inspect(self, timeout):
+    def inspect(self, timeout, connection=None):
         return Inspect(self._replies)
 
 
