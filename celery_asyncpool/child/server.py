@@ -339,10 +339,12 @@ def _failure(exc: BaseException) -> tuple[int, ExceptionInfo, float]:
 
 
 def _pool_use(pool: Any) -> dict[str, int | None]:
-    """Connections of an engine's pool; None for a count its class does not keep (NullPool)."""
+    """Connections of an engine's pool, and the tasks waiting for one; None for a count its
+    class does not keep (NullPool)."""
     counts = {"size": "size", "checked_out": "checkedout", "checked_in": "checkedin",
               "overflow": "overflow"}
     use = {key: _count(pool, method) for key, method in counts.items()}
+    use["waiters"] = getattr(pool, "waiters", None)  # engines.waiter_counting's
     if use["overflow"] is not None:
         use["overflow"] = max(0, use["overflow"])  # QueuePool counts up from -pool_size
     return use

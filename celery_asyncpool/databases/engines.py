@@ -179,6 +179,26 @@ def _pool_class(database: DatabaseSettings) -> type | None:
     return pool_class
 
 
+@functools.cache
+def waiter_counting(pool_class: type) -> type:
+    """``pool_class``, counting in ``waiters`` the callers inside its ``connect()``: those
+    that wait for a connection to be checked in or opened. SQLAlchemy's pools keep no
+    such count; a subclass (not a wrapped instance) survives ``dispose()``, which makes
+    a new pool of the same class."""
+    base_connect = getattr(pool_class, "connect")
+
+    def connect(self: Any) -> Any:
+        self.waiters += 1
+        try:
+            return base_connect(self)
+        finally:
+            self.waiters -= 1
+
+    return type(pool_class.__name__, (pool_class,),
+                {"waiters": 0, "connect": connect, "__module__": pool_class.__module__,
+                 "__doc__": pool_class.__doc__})
+
+
 def _is_queue_pool(pool_class: type | None) -> bool:
     from sqlalchemy.pool import QueuePool
 
@@ -202,8 +222,11 @@ class Databases:
         self.sessionmakers: dict[str, async_sessionmaker[AsyncSession]] = {}
         self.settings = settings
         for database in settings.databases:
-            built = create_async_engine(database.url,
-                                        **engine_options(database, sizing, worker))
+            options = engine_options(database, sizing, worker)
+            pool_class = _pool_class(database)
+            if "pool" not in options and _is_queue_pool(pool_class):
+                options["poolclass"] = waiter_counting(pool_class)
+            built = create_async_engine(database.url, **options)
             if settings.dead_host_timeout_s and not database.pgbouncer \
                     and built.dialect.name == "postgresql":
                 event.listen(built.sync_engine, "connect",

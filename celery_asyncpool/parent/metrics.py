@@ -106,6 +106,10 @@ class _PoolCollector:
         pools = GaugeMetricFamily("asyncsql_engine_connections",
                                   "Each child's engine pool: connections by state.",
                                   labels=["child", "database", "state"])
+        waiters = GaugeMetricFamily("asyncsql_engine_waiters",
+                                    "Tasks of each child waiting on an engine pool for a "
+                                    "connection (a free one, or a new one opening).",
+                                    labels=["child", "database"])
         for child in children:
             pid = str(child.get("pid"))
             for key, gauge in gauges.items():
@@ -115,8 +119,11 @@ class _PoolCollector:
                 for state in ("checked_out", "checked_in", "overflow", "size"):
                     if use.get(state) is not None:
                         pools.add_metric([pid, database, state], float(use[state]))
+                if use.get("waiters") is not None:
+                    waiters.add_metric([pid, database], float(use["waiters"]))
         yield from gauges.values()
         yield pools
+        yield waiters
         budget = GaugeMetricFamily("asyncsql_connection_budget",
                                    "Most connections the worker may open, per database.",
                                    labels=["database"])

@@ -31,15 +31,18 @@ def total(samples: dict, name: str, **labels: str) -> float:
 
 def test_a_scraped_worker_shows_its_slots_connections_and_task_outcomes(worker_factory):
     port = free_port()
+    # Two slots and one connection per child (named after the worker): of 4 tasks holding
+    # a connection each, two wait for one.
     conf = {"asyncsql_metrics_port": port, "asyncsql_processes": 2,
-            "asyncsql_engine_options": {}}  # connections named after the worker
+            "asyncsql_engine_options": {"pool_size": 1}}
     with worker_factory(concurrency=4, include=INCLUDE, conf=conf) as worker:
         worker.wait_for_children(2)
-        running = [worker.send(tasks_slots.db_span, 3) for _ in range(4)]
+        running = [worker.send(tasks_slots.db_span, 2) for _ in range(4)]
         busy = eventually(lambda: (lambda s: s if total(
             s, "asyncsql_child_tasks_in_flight") == 4 and total(
-            s, "asyncsql_engine_connections", state="checked_out") == 4 else None)(scrape(port)),
-            30, "the scrape to show 4 tasks holding 4 connections")
+            s, "asyncsql_engine_connections", state="checked_out") == 2 and total(
+            s, "asyncsql_engine_waiters") == 2 else None)(scrape(port)),
+            30, "the scrape to show 4 tasks: 2 holding the 2 connections, 2 waiting")
         assert [r.get(timeout=30)["child"] for r in running]
         retried = worker.send(tasks.async_retry)
         rejected = worker.send(tasks.async_reject)
@@ -60,7 +63,8 @@ def test_a_scraped_worker_shows_its_slots_connections_and_task_outcomes(worker_f
     assert total(at_rest, "asyncsql_task_runtime_seconds_count",
                  task="tests.integration.tasks_slots.db_span") == 4
     assert total(at_rest, "asyncsql_task_runtime_seconds_sum",
-                 task="tests.integration.tasks_slots.db_span") >= 4 * 3
+                 task="tests.integration.tasks_slots.db_span") >= 2 * 2 + 2 * 4  # two waited
+    assert total(at_rest, "asyncsql_engine_waiters") == 0
     assert total(at_rest, "asyncsql_tasks_total", task="tests.integration.tasks.async_retry",
                  state="RETRY") == 2  # max_retries=2: two retries, then the failure
     assert total(at_rest, "asyncsql_tasks_total", task="tests.integration.tasks.async_retry",
@@ -69,7 +73,7 @@ def test_a_scraped_worker_shows_its_slots_connections_and_task_outcomes(worker_f
                  state="REJECTED") == 1
     assert total(at_rest, "asyncsql_tasks_total", task="tests.integration.tasks.async_add",
                  state="SUCCESS") == 1
-    assert total(at_rest, "asyncsql_connection_budget", database="default") == 4
+    assert total(at_rest, "asyncsql_connection_budget", database="default") == 2
 
 
 def _backends(worker) -> int:

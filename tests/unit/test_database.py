@@ -87,3 +87,40 @@ def test_connections_carry_the_workers_name_unless_the_user_named_them():
     assert named("sqlite+aiosqlite:///x.db") == {}
     long = engine_options(db(), Sizing(4, 2, 80), "é" * 40)["connect_args"]
     assert len(long["server_settings"]["application_name"].encode()) <= 63  # the server's cut
+
+
+def test_a_queue_pool_counts_the_tasks_waiting_for_a_connection_across_dispose(tmp_path):
+    """``waiters`` (the metrics' ``asyncsql_engine_waiters``): three tasks on a pool of one
+    connection, two waiting; the pool ``dispose()`` makes in its place counts too."""
+    import asyncio
+
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import AsyncAdaptedQueuePool
+
+    from celery_asyncpool.databases.engines import waiter_counting
+
+    async def main() -> list[int]:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'w.db'}", pool_size=1,
+                                     max_overflow=0,
+                                     poolclass=waiter_counting(AsyncAdaptedQueuePool))
+        seen = []
+        for _ in range(2):
+            release = asyncio.Event()
+
+            async def hold() -> None:
+                async with engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+                    await release.wait()
+
+            holders = [asyncio.create_task(hold()) for _ in range(3)]
+            await asyncio.sleep(0.2)
+            seen.append(engine.sync_engine.pool.waiters)
+            release.set()
+            await asyncio.gather(*holders)
+            seen.append(engine.sync_engine.pool.waiters)
+            await engine.dispose()
+        assert isinstance(engine.sync_engine.pool, AsyncAdaptedQueuePool)
+        return seen
+
+    assert asyncio.run(main()) == [2, 0, 2, 0]

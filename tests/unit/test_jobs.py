@@ -405,7 +405,8 @@ def test_stop_sends_a_snapshot_of_the_jobs_in_flight(start):
     child.job("t.nap", (0.3,))
     child.send(STOP)
     assert child.stats() == {"pid": child.pid, "slots": 3, "in_flight": 1, "engines": {
-        "default": {"size": 3, "checked_out": 0, "checked_in": 0, "overflow": 0}},
+        "default": {"size": 3, "checked_out": 0, "checked_in": 0, "overflow": 0,
+                    "waiters": 0}},
         "loop_lag_s": 0.0}
     child.until(BYE)
 
