@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -74,13 +75,15 @@ def _exit(message: str) -> NoReturn:
 def server(command: list[str], port: int, what: str,
            fail: Callable[[str], NoReturn] = _exit,
            address: str = "127.0.0.1") -> Iterator[None]:
-    """Run ``command`` until the block ends (stopped by its PID), once ``port`` answers.
+    """Run ``command`` until the block ends, once ``port`` answers.
 
     Used here and by our own tests; ``fail`` reports a server that cannot start
-    (exit here, ``pytest.fail`` in a test).
+    (exit here, ``pytest.fail`` in a test). The server leads a process group of its
+    own, stopped as a whole: a forking server (socat's ``fork``) leaves no child behind.
     """
     try:
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     except FileNotFoundError:
         fail(f"{command[0]} is not on PATH: a {what} of the caller's own is started here")
     try:
@@ -93,7 +96,8 @@ def server(command: list[str], port: int, what: str,
             time.sleep(0.05)
         yield
     finally:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(10)
 
 

