@@ -70,7 +70,7 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
         self.sizing = Sizing(self.slots_per_child, self.processes, self.settings.connection_cap)
         check_engine_options(self.settings, self.sizing)
         self.budget = connection_budget(self.app.conf, self.settings, self.sizing)
-        self.app.steps["consumer"].add(FleetCheck)
+        self.app.steps["consumer"].add(FleetCheck)  # the worker builds its consumer next
         self.server_limits: dict[str, ServerLimit] = {}
         self._supervisor: Supervisor | None = None
         self._driver: Any = None

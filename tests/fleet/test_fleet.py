@@ -13,11 +13,12 @@ import pytest
 
 from tests.integration.conftest import eventually
 
-from .fleet import SERVER_POOL, Peak, balances_and_increments, fleet, ledger, mixed_batch, \
-    ran_on
+from .fleet import NOTES, SERVER_POOL, Peak, balances_and_increments, fleet, ledger, \
+    mixed_batch, ran_on
 
 OURS = "celery_asyncpool.broker:Transport"
 TRANSPORTS = {"kombu": None, "ours": OURS, "rabbitmq": None}
+TAKES_WORK_AGAIN_S = 90  # after a 12 s cut: TCP's backed-off retransmits, Celery's reconnect
 # Short, so that a cut host's messages come back to the others within the test.
 VISIBILITY = {"visibility_timeout": 5, "unacked_restore_interval": 1,
               "unacked_restore_throttle": 1}
@@ -78,19 +79,27 @@ def test_a_host_cut_off_mid_run_loses_nothing_and_takes_work_again_when_back(
             time.sleep(12)
             held_by_others = sum(ran_on(run)[host.name] for host in others)
             cut.up("net")
+            back = time.monotonic()
             account = hosts.settle(f"a host cut off for 12 s ({transport} transport, "
                                    f"{acks} acks)", ids, run, slots=60, peak=peak)
             eventually(lambda: _consuming(started[0]), 60, "the cut host consuming again")
-            # Long enough (about 15 s on the other two) for the cut host's connections to
-            # carry data again: TCP retransmits what the cut held back on a backed-off
-            # timer, up to about as long again as the cut lasted.
-            second = hosts.publish(mixed_batch(after, 300, hold_s=2.0))
+            # A steady stream until the cut host takes some: its broker connection carries
+            # data again only when TCP retransmits what the cut held back, on a timer that
+            # backed off during the cut (a fixed second batch of 15 s was done before that
+            # in CI on 2026-12-07). How long that took is the scenario's note.
+            second: list[str] = []
+            while not ran_on(after)[cut.name]:
+                assert time.monotonic() - back < TAKES_WORK_AGAIN_S, (
+                    f"the host back from the cut took no work in {TAKES_WORK_AGAIN_S} s: "
+                    f"{ran_on(after)}\n{started[0].logs()[-4000:]}")
+                second += hosts.publish(mixed_batch(after, 40, hold_s=1.0))
+                time.sleep(2)
+            NOTES.append(f"a host cut off for 12 s ({transport} transport, {acks} acks) took "
+                         f"work again {time.monotonic() - back:.0f} s after its link came back")
             eventually(lambda: set(ledger(after)) == set(second), 120, "the second batch")
         spread = ran_on(after)
     assert account.missing == [] and account.failed_total == 0, account.reasons
     assert held_by_others > 0
-    assert spread[cut.name] > 0, \
-        f"the host back from the cut took no work: {spread}\n{started[0].logs()[-4000:]}"
     # At least once: with a 5 s visibility timeout a task waiting its turn may be run twice.
     assert sum(spread.values()) >= len(second)
     # Once in about ten runs 21: PgBouncer closes the server connection of a transaction
