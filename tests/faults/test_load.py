@@ -56,6 +56,7 @@ class Load:
     peak: int
     took_s: float
     before: list[Holdings]  # parent, then children: after the warm-up
+    first: list[Holdings]  # after the first batch, every slot busy at once: the fds' baseline
     after: list[Holdings]  # after the load, before the warm shutdown
     held: Counter[str]  # its connections' states after the load
     trend: list[list[int]]  # children's USS after the warm-up, then after each batch
@@ -89,9 +90,11 @@ def run_load(worker_factory, fault: str, total: int, batch: int) -> Load:
             before = [holdings(pid) for pid in (worker.pid, *worker.children())]
             started = time.monotonic()
             trend = [[h.uss for h in before[1:]]]
+            first: list[Holdings] = []
             for done in range(0, total, batch):
                 ids += sent_and_done(worker, min(batch, total - done), run)
                 trend.append([holdings(pid).uss for pid in worker.children()])
+                first = first or [holdings(pid) for pid in (worker.pid, *worker.children())]
             took_s = time.monotonic() - started
             after = [holdings(pid) for pid in (worker.pid, *worker.children())]
             held = pg.states(worker.app_name)
@@ -99,8 +102,8 @@ def run_load(worker_factory, fault: str, total: int, batch: int) -> Load:
         left = _settled_count(pg, worker.app_name)
     account = settle(fault, ids, run=run)
     _forget(run)
-    return Load(account, budget, peak.peaks[worker.app_name], took_s, before, after, held,
-                trend, exit_code, left)
+    return Load(account, budget, peak.peaks[worker.app_name], took_s, before, first, after,
+                held, trend, exit_code, left)
 
 
 def _settled_count(pg: Connections, app_name: str, timeout_s: float = 10) -> int:
@@ -125,8 +128,9 @@ def report(name: str, load: Load, total: int, bound: int) -> None:
     figure(f"{name}: worker CPU time, parent + children (not asserted)", f"{cpu_s:.0f} s")
     figure(f"{name}: connections after it / after warm shutdown",
            f"{sum(load.held.values())} ({dict(load.held)}) / {load.left}")
-    figure(f"{name}: fds other than PostgreSQL, parent + children, before -> after",
-           f"{[h.other_fds for h in before]} -> {[h.other_fds for h in after]}")
+    figure(f"{name}: fds other than PostgreSQL, parent + children, before -> first batch "
+           "-> after", f"{[h.other_fds for h in before]} -> "
+           f"{[h.other_fds for h in load.first]} -> {[h.other_fds for h in after]}")
     figure(f"{name}: threads, parent + children, before -> after",
            f"{[h.threads for h in before]} -> {[h.threads for h in after]}")
     figure(f"{name}: PostgreSQL sockets, children, before -> after",
@@ -155,9 +159,11 @@ def assert_within_budget_and_nothing_left(load: Load) -> None:
 def assert_nothing_growing(load: Load, uss_bound: int) -> None:
     pids = [h.pid for h in load.before]
     assert [h.pid for h in load.after] == pids, "a child was replaced during the load"
-    for before, after in zip(load.before, load.after):
-        assert after.other_fds <= before.other_fds + FD_SLACK, (before, after)
-        assert after.threads <= before.threads + THREAD_SLACK, (before, after)
+    # Descriptors against the first batch's: a warm-up that did not fill every slot at once
+    # leaves connections to open later (CI, 2026-12-07: a child at 17, 22 after the load).
+    for first, after in zip(load.first, load.after):
+        assert after.other_fds <= first.other_fds + FD_SLACK, (first, after)
+        assert after.threads <= first.threads + THREAD_SLACK, (first, after)
     assert max(load.children_growth) < uss_bound, (load.before, load.after)
 
 
