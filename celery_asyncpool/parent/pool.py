@@ -86,8 +86,7 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
                     self.settings.loop, describe(self.budget))
         warnings, self.server_limits = startup_probe(self.settings, self.sizing, self.budget)
         for warning in warnings:
-            logger.warning("asyncsql pool at start-up: %s The worker runs on; "
-                           "`celery asyncsql check` tells more.", warning)
+            _warn_at_start_up(warning)
         if not self.forking_enable:
             # As prefork does for spawn: Celery keys a fresh interpreter's set-up (how
             # @app.task binds, the fast tracer's registry) off this variable.
@@ -125,8 +124,7 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
                                       echo, own_name=f"this worker {node}", node=node,
                                       connection=connection,
                                       timeout_s=self.settings.fleet_check_s):
-            logger.warning("asyncsql pool at start-up: %s The worker runs on; "
-                           "`celery asyncsql check` tells more.", problem)
+            _warn_at_start_up(problem)
 
     def _serve_metrics(self, metrics: Metrics) -> None:
         port = self.settings.metrics_port
@@ -329,6 +327,11 @@ class TaskPool(BasePool):  # type: ignore[misc, unused-ignore]
             fleet.BUDGET_KEY: by_server(self.budget),
         }
         return info
+
+
+def _warn_at_start_up(problem: str) -> None:
+    logger.warning("asyncsql pool at start-up: %s The worker runs on; "
+                   "`celery asyncsql check` tells more.", problem)
 
 
 def open_connections(children: list[dict[str, Any]]) -> dict[str, int]:
